@@ -1,0 +1,199 @@
+// AVX2/FMA int8 kernels. Each function carries a target attribute instead of the
+// whole file being built with -mavx2, so the library stays loadable on any
+// x86-64 CPU; cpu_features decides at run time whether these are called.
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+#include "int8_kernels.h"
+
+#define PEFT_AVX2 __attribute__((target("avx2,fma")))
+
+namespace peft_ext::cpu {
+
+namespace {
+
+PEFT_AVX2 inline int32_t hsum_epi32(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+  return _mm_cvtsi128_si32(s);
+}
+
+PEFT_AVX2 inline float hsum_ps(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// One 32-byte step of MR x NR int8 dot products. vpmaddubsw multiplies u8 by s8
+// and saturates pairs at int16: with a = |x| (<= 127) and b = sign(x) * w
+// (|w| <= 127) a pair sums to at most 2 * 127 * 127 = 32258, so it never
+// saturates and the result is the exact x * w. vpmaddwd with ones widens to int32.
+// Each weight vector is loaded once and used for all MR rows.
+template <int MR, int NR>
+PEFT_AVX2 inline void step_s8(const int8_t* const* wrows, int64_t k, const int8_t* q,
+                              const uint8_t* aq, int64_t ldq, __m256i (&acc)[MR][NR]) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256i xs[MR], xa[MR];
+  for (int i = 0; i < MR; ++i) {
+    xs[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + i * ldq));
+    xa[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(aq + i * ldq));
+  }
+  for (int j = 0; j < NR; ++j) {
+    const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wrows[j] + k));
+    for (int i = 0; i < MR; ++i) {
+      __m256i t = _mm256_sign_epi8(w, xs[i]);
+      t = _mm256_maddubs_epi16(xa[i], t);
+      t = _mm256_madd_epi16(t, ones);
+      acc[i][j] = _mm256_add_epi32(acc[i][j], t);
+    }
+  }
+}
+
+// Full-K dot products of MR activation rows with NR weight rows into out[MR][NR].
+template <int MR, int NR>
+PEFT_AVX2 void tile_s8(const int8_t* q, const uint8_t* aq, int64_t ldq,
+                       const int8_t* const* wrows, int64_t K, int32_t* out) {
+  __m256i acc[MR][NR];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_setzero_si256();
+  const int64_t k32 = K & ~int64_t{31};
+  for (int64_t k = 0; k < k32; k += 32) step_s8<MR, NR>(wrows, k, q + k, aq + k, ldq, acc);
+  if (k32 < K) {
+    // Weight rows are not padded: copy their tails into zeroed blocks rather
+    // than read past the end of the buffer. Activations are padded with zeros.
+    alignas(32) int8_t tail[NR][32];
+    std::memset(tail, 0, sizeof(tail));
+    const int8_t* tails[NR];
+    for (int j = 0; j < NR; ++j) {
+      std::memcpy(tail[j], wrows[j] + k32, static_cast<size_t>(K - k32));
+      tails[j] = tail[j];
+    }
+    step_s8<MR, NR>(tails, 0, q + k32, aq + k32, ldq, acc);
+  }
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) out[i * NR + j] = hsum_epi32(acc[i][j]);
+}
+
+template <int NR>
+PEFT_AVX2 void tile_wo(const float* x, const int8_t* const* wrows, int64_t K, float* out) {
+  __m256 acc[NR];
+  for (int j = 0; j < NR; ++j) acc[j] = _mm256_setzero_ps();
+  const int64_t k8 = K & ~int64_t{7};
+  for (int64_t k = 0; k < k8; k += 8) {
+    const __m256 xv = _mm256_loadu_ps(x + k);
+    for (int j = 0; j < NR; ++j) {
+      const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(wrows[j] + k));
+      acc[j] = _mm256_fmadd_ps(xv, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b)), acc[j]);
+    }
+  }
+  for (int j = 0; j < NR; ++j) {
+    float s = hsum_ps(acc[j]);
+    for (int64_t k = k8; k < K; ++k) s += x[k] * static_cast<float>(wrows[j][k]);
+    out[j] = s;
+  }
+}
+
+}  // namespace
+
+PEFT_AVX2 void quantize_rows_avx2(const float* x, int64_t ldx, int64_t M, int64_t K, int8_t* q,
+                                  uint8_t* aq, int64_t ldq, float* scale) {
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  const __m256i lim = _mm256_set1_epi32(127);
+  const __m256i nlim = _mm256_set1_epi32(-127);
+  // packs interleave 128-bit lanes; this restores element order.
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  const int64_t k32 = K & ~int64_t{31};
+  for (int64_t m = 0; m < M; ++m) {
+    const float* xr = x + m * ldx;
+    __m256 mx = _mm256_setzero_ps();
+    int64_t k = 0;
+    for (; k + 8 <= K; k += 8) mx = _mm256_max_ps(mx, _mm256_andnot_ps(sign, _mm256_loadu_ps(xr + k)));
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+    float absmax = _mm_cvtss_f32(m4);
+    for (; k < K; ++k) absmax = std::max(absmax, std::fabs(xr[k]));
+    const float s = absmax / 127.0f;
+    const float inv = absmax > 0.0f ? 1.0f / s : 0.0f;
+    scale[m] = s;
+    int8_t* qr = q + m * ldq;
+    uint8_t* ar = aq + m * ldq;
+    const __m256 vinv = _mm256_set1_ps(inv);
+    for (k = 0; k < k32; k += 32) {
+      __m256i v[4];
+      for (int p = 0; p < 4; ++p) {
+        // cvtps2dq rounds half to even under the default MXCSR, like torch.round.
+        __m256i r = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xr + k + 8 * p), vinv));
+        v[p] = _mm256_max_epi32(_mm256_min_epi32(r, lim), nlim);
+      }
+      const __m256i w16a = _mm256_packs_epi32(v[0], v[1]);
+      const __m256i w16b = _mm256_packs_epi32(v[2], v[3]);
+      __m256i b = _mm256_packs_epi16(w16a, w16b);
+      b = _mm256_permutevar8x32_epi32(b, order);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(qr + k), b);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(ar + k), _mm256_abs_epi8(b));
+    }
+    for (; k < K; ++k) {
+      float r = std::nearbyint(xr[k] * inv);
+      r = std::min(127.0f, std::max(-127.0f, r));
+      qr[k] = static_cast<int8_t>(r);
+      ar[k] = static_cast<uint8_t>(std::abs(static_cast<int>(r)));
+    }
+    std::memset(qr + K, 0, static_cast<size_t>(ldq - K));
+    std::memset(ar + K, 0, static_cast<size_t>(ldq - K));
+  }
+}
+
+PEFT_AVX2 void gemm_s8_avx2(const int8_t* q, const uint8_t* aq, int64_t ldq, const int8_t* w,
+                            int64_t M, int64_t K, int64_t n0, int64_t n1, const Epilogue& ep) {
+  // Two activation rows share each weight load; a lone row (decode, M = 1)
+  // streams eight weight rows at once instead, to keep more loads in flight.
+  constexpr int NR = 4, NR1 = 8;
+  // NC weight rows (NC * K bytes, 256 KiB at K = 4096) stay in L2 while every
+  // pair of activation rows passes over them.
+  const int64_t nc = std::max<int64_t>(NR1, (int64_t{256} << 10) / std::max<int64_t>(K, 1) / NR1 * NR1);
+  for (int64_t nb = n0; nb < n1; nb += nc) {
+    const int64_t ne = std::min(nb + nc, n1);
+    for (int64_t m = 0; m < M; m += 2) {
+      const bool pair = M - m >= 2;
+      const int64_t step = pair ? NR : NR1;
+      for (int64_t n = nb; n < ne; n += step) {
+        const int64_t nr = std::min<int64_t>(step, ne - n);
+        // A short last tile repeats its last row; the extra results are dropped.
+        const int8_t* rows[NR1];
+        for (int j = 0; j < step; ++j) rows[j] = w + std::min<int64_t>(n + j, ne - 1) * K;
+        int32_t res[2 * NR];
+        if (pair) {
+          tile_s8<2, NR>(q + m * ldq, aq + m * ldq, ldq, rows, K, res);
+        } else {
+          tile_s8<1, NR1>(q + m * ldq, aq + m * ldq, ldq, rows, K, res);
+        }
+        const int64_t mr = pair ? 2 : 1;
+        for (int64_t i = 0; i < mr; ++i)
+          for (int64_t j = 0; j < nr; ++j) ep.store(m + i, n + j, static_cast<float>(res[i * step + j]));
+      }
+    }
+  }
+}
+
+PEFT_AVX2 void gemm_wo_avx2(const float* x, int64_t ldx, const int8_t* w, int64_t M, int64_t K,
+                            int64_t n0, int64_t n1, const Epilogue& ep) {
+  constexpr int NR = 8;
+  for (int64_t n = n0; n < n1; n += NR) {
+    const int64_t nr = std::min<int64_t>(NR, n1 - n);
+    const int8_t* rows[NR];
+    for (int j = 0; j < NR; ++j) rows[j] = w + std::min<int64_t>(n + j, n1 - 1) * K;
+    for (int64_t m = 0; m < M; ++m) {
+      float res[NR];
+      tile_wo<NR>(x + m * ldx, rows, K, res);
+      for (int64_t j = 0; j < nr; ++j) ep.store(m, n + j, res[j]);
+    }
+  }
+}
+
+}  // namespace peft_ext::cpu

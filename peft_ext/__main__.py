@@ -1,0 +1,39 @@
+"""`python -m peft_ext info | demo`."""
+import argparse
+import logging
+
+import torch
+
+
+def info():
+    import peft_ext
+    from peft_ext import ops
+
+    facts = ops.build_info()
+    archs = facts.get("cuda_archs", "")
+    lines = [
+        f"peft_ext {peft_ext.__version__}",
+        f"torch {torch.__version__} (CUDA {torch.version.cuda or 'none'})",
+        f"CUDA kernels built: {'yes, for sm ' + archs if facts.get('cuda') == '1' else 'no'}",
+        f"CUDA device available: {torch.cuda.is_available()}",
+        f"CPU kernel ISA in use: {facts['cpu_isa']} (detected: {facts['cpu_isa_detected']})",
+        f"CPU threads: {torch.get_num_threads()}",
+    ]
+    print("\n".join(lines))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m peft_ext")
+    parser.add_argument("command", choices=["info", "demo"])
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    if args.command == "info":
+        info()
+    else:
+        from peft_ext import demo
+
+        demo.main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,194 @@
+"""The int8 ops against peft_ext.reference on fresh random inputs of odd shapes."""
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from peft_ext import ops, reference as ref
+from conftest import sqnr_db
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+SHAPES = [(1, 1, 1), (1, 37, 5), (2, 31, 3), (3, 33, 13), (17, 100, 7), (33, 257, 65), (130, 64, 9)]
+
+
+def make(m, k, n, dtype=torch.float32, bias=True, seed=None):
+    g = torch.Generator().manual_seed(seed if seed is not None else torch.seed() % 2**31)
+    x = torch.randn(m, k, generator=g).to(dtype)
+    q, s = ops.quantize_weight(torch.randn(n, k, generator=g))
+    b = torch.randn(n, generator=g) if bias else None
+    return x, q, s, b
+
+
+def tol(dtype):
+    return {torch.float32: dict(atol=1e-4, rtol=1e-5), torch.bfloat16: dict(atol=3e-2, rtol=2e-2),
+            torch.float16: dict(atol=3e-3, rtol=2e-3)}[dtype]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_quantize_per_token_matches_reference(isa, shape, dtype):
+    x, _, _, _ = make(*shape, dtype)
+    q, s = ops.quantize_per_token(x)
+    qr, sr = ref.quantize_per_token(x)
+    assert q.dtype == torch.int8 and s.dtype == torch.float32
+    torch.testing.assert_close(s, sr)
+    # Multiplying by 1/scale can land a hair off a rounding tie; never more.
+    assert (q.int() - qr.int()).abs().max() <= 1
+    assert (q != qr).float().mean() < 1e-3
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bias", [True, False])
+def test_int8_linear_matches_reference(isa, shape, dtype, bias):
+    x, q, s, b = make(*shape, dtype, bias)
+    out = torch.full((shape[0], shape[2]), float("nan"))
+    out = ops.int8_linear(x, q, s, b)
+    assert out.dtype == dtype and out.shape == (shape[0], shape[2])
+    assert torch.isfinite(out.float()).all()
+    torch.testing.assert_close(out, ref.int8_linear(x, q, s, b), **tol(dtype))
+
+
+@pytest.mark.parametrize("shape", SHAPES + [(48, 70, 11), (49, 70, 11)])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bias", [True, False])
+def test_weight_only_matches_reference(isa, shape, dtype, bias):
+    x, q, s, b = make(*shape, dtype, bias)
+    out = ops.int8_linear_weight_only(x, q, s, b)
+    assert out.dtype == dtype and out.shape == (shape[0], shape[2])
+    torch.testing.assert_close(out, ref.int8_linear_weight_only(x, q, s, b), **tol(dtype))
+
+
+@settings(max_examples=40, deadline=None)
+@given(m=st.integers(1, 40), k=st.integers(1, 300), n=st.integers(1, 40), seed=st.integers(0, 2**31 - 1))
+def test_random_shapes_both_modes(m, k, n, seed):
+    x, q, s, b = make(m, k, n, seed=seed)
+    torch.testing.assert_close(ops.int8_linear(x, q, s, b), ref.int8_linear(x, q, s, b), **tol(torch.float32))
+    torch.testing.assert_close(ops.int8_linear_weight_only(x, q, s, b),
+                               ref.int8_linear_weight_only(x, q, s, b), **tol(torch.float32))
+
+
+@pytest.mark.parametrize("k", [1, 31, 32, 64, 4096 + 17])
+def test_integer_sums_are_exact_at_the_extremes(isa, k):
+    # Every activation and weight at +-127 with scales of 1: the largest
+    # products vpmaddubsw can see. Any int16 saturation would show here.
+    g = torch.Generator().manual_seed(k)
+    sign_x = torch.randint(0, 2, (5, k), generator=g) * 2 - 1
+    sign_w = torch.randint(0, 2, (7, k), generator=g) * 2 - 1
+    x = (127 * sign_x).float()
+    w = (127 * sign_w).to(torch.int8)
+    out = ops.int8_linear(x, w, torch.ones(7), None)
+    exact = (x.double() @ w.double().t())
+    assert torch.equal(out.double(), exact)
+    x_mixed = torch.randint(-127, 128, (5, k), generator=g).float()
+    x_mixed[:, 0] = 127  # scale 1, so quantization is the identity
+    w_mixed = torch.randint(-127, 128, (7, k), generator=g).to(torch.int8)
+    out = ops.int8_linear(x_mixed, w_mixed, torch.ones(7), None)
+    assert torch.equal(out.double(), x_mixed.double() @ w_mixed.double().t())
+
+
+def test_3d_and_non_contiguous_inputs(isa):
+    x, q, s, b = make(24, 50, 9)
+    x3 = x.reshape(2, 3, 4, 50)
+    for fn, rf in [(ops.int8_linear, ref.int8_linear), (ops.int8_linear_weight_only, ref.int8_linear_weight_only)]:
+        out = fn(x3, q, s, b)
+        assert out.shape == (2, 3, 4, 9)
+        torch.testing.assert_close(out, rf(x3, q, s, b), **tol(torch.float32))
+        wide = torch.randn(24, 100)
+        view = wide[:, ::2]
+        assert not view.is_contiguous()
+        torch.testing.assert_close(fn(view, q, s, b), rf(view.contiguous(), q, s, b), **tol(torch.float32))
+        xt = torch.randn(50, 24).t()
+        torch.testing.assert_close(fn(xt, q, s, b), rf(xt.contiguous(), q, s, b), **tol(torch.float32))
+
+
+def test_zero_rows_give_no_nan(isa):
+    w = torch.randn(6, 40)
+    w[2] = 0
+    q, s = ops.quantize_weight(w)
+    assert s[2] == 0 and (q[2] == 0).all()
+    x = torch.randn(3, 40)
+    x[1] = 0
+    b = torch.randn(6)
+    for fn in (ops.int8_linear, ops.int8_linear_weight_only):
+        out = fn(x, q, s, b)
+        assert torch.isfinite(out).all()
+        torch.testing.assert_close(out[:, 2], b[2].expand(3))
+        torch.testing.assert_close(out[1], b)
+
+
+@pytest.mark.parametrize("dtype,k", [(torch.float32, 1024), (torch.bfloat16, 4096)])
+def test_sqnr_against_float64(dtype, k):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, k, generator=g, dtype=torch.float64)
+    w = torch.randn(512, k, generator=g, dtype=torch.float64)
+    exact = x @ w.t()
+    q, s = ops.quantize_weight(w.float())
+    dyn = sqnr_db(exact, ops.int8_linear(x.to(dtype), q, s))
+    wo = sqnr_db(exact, ops.int8_linear_weight_only(x.to(dtype), q, s))
+    assert dyn >= 30, dyn
+    assert wo >= 35, wo
+
+
+def test_dequantize_matches_reference():
+    _, q, s, _ = make(1, 77, 19)
+    for dtype in DTYPES:
+        torch.testing.assert_close(ops.int8_dequantize(q, s, dtype), ref.int8_dequantize(q, s, dtype))
+
+
+def test_gradients_flow_to_input_and_bias():
+    x, q, s, b = make(6, 45, 10)
+    for fn in (ops.int8_linear, ops.int8_linear_weight_only):
+        xg = x.clone().requires_grad_()
+        bg = b.clone().requires_grad_()
+        y = fn(xg.reshape(2, 3, 45), q, s, bg)
+        gy = torch.randn_like(y)
+        y.backward(gy)
+        w = ref.int8_dequantize(q, s)
+        torch.testing.assert_close(xg.grad, (gy.reshape(6, 10) @ w), atol=1e-4, rtol=1e-5)
+        torch.testing.assert_close(bg.grad, gy.reshape(6, 10).sum(0))
+
+
+@pytest.mark.parametrize("op", ["int8_linear", "int8_linear_weight_only"])
+def test_opcheck_linear(op):
+    x, q, s, b = make(5, 33, 7)
+    fn = getattr(torch.ops.peft_ext, op).default
+    torch.library.opcheck(fn, (x, q, s, b))
+    torch.library.opcheck(fn, (x.reshape(5, 1, 33).requires_grad_(), q, s, b.requires_grad_()))
+    torch.library.opcheck(fn, (x.bfloat16(), q, s, None))
+
+
+def test_opcheck_quantize_and_dequantize():
+    x, q, s, _ = make(4, 19, 3)
+    torch.library.opcheck(torch.ops.peft_ext.quantize_per_token.default, (x.reshape(2, 2, 19),))
+    torch.library.opcheck(torch.ops.peft_ext.int8_dequantize.default, (q, s, torch.bfloat16))
+
+
+def test_clear_errors():
+    x, q, s, b = make(3, 16, 4)
+    cases = [
+        (TypeError, "x must be float32", (x.double(), q, s, b)),
+        (TypeError, "x must be float32", (x.int(), q, s, b)),
+        (TypeError, "weight must be int8", (x, q.float(), s, b)),
+        (TypeError, "weight_scale must be float32", (x, q, s.double(), b)),
+        (ValueError, "in_features=16", (torch.randn(3, 15), q, s, b)),
+        (ValueError, "weight_scale must have shape", (x, q, s[:3], b)),
+        (ValueError, "bias must have shape", (x, q, s, b[:2])),
+        (ValueError, "weight must be 2-D", (x, q.reshape(4, 4, 4), s, b)),
+        (ValueError, "weight must be contiguous", (x, torch.zeros(16, 4, dtype=torch.int8).t(), s, b)),
+    ]
+    for fn in (ops.int8_linear, ops.int8_linear_weight_only):
+        for exc, msg, args in cases:
+            with pytest.raises(exc, match=msg):
+                fn(*args)
+    with pytest.raises(TypeError, match="x must be float32"):
+        ops.quantize_per_token(torch.ones(3, dtype=torch.int64))
+
+
+def test_k_overflow_guard():
+    k = 133145
+    q = torch.ones(1, k, dtype=torch.int8)
+    with pytest.raises(ValueError, match="overflow"):
+        ops.int8_linear(torch.randn(1, k), q, torch.ones(1))
+    # weight-only accumulates in float and has no such limit
+    assert torch.isfinite(ops.int8_linear_weight_only(torch.randn(1, k), q, torch.ones(1))).all()

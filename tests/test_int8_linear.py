@@ -1,0 +1,93 @@
+"""Int8Linear as a module: conversion, dtype moves, serialization, training."""
+import copy
+import io
+import pickle
+
+import pytest
+import torch
+from torch import nn
+
+from peft_ext import reference as ref
+from peft_ext.nn import Int8Linear
+
+
+def linear(k=40, n=24, bias=True, seed=0):
+    torch.manual_seed(seed)
+    return nn.Linear(k, n, bias=bias)
+
+
+@pytest.mark.parametrize("mode", ["dynamic", "weight_only"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_from_linear_matches_reference_and_float(mode, bias):
+    lin = linear(bias=bias)
+    q = Int8Linear.from_linear(lin, mode=mode)
+    assert not isinstance(q, nn.Linear)
+    assert (q.in_features, q.out_features) == (40, 24)
+    assert q.weight.dtype == torch.int8 and q.weight_scale.dtype == torch.float32
+    assert "weight" in dict(q.named_buffers()) and "weight" not in dict(q.named_parameters())
+    x = torch.randn(3, 5, 40)
+    fn = ref.int8_linear if mode == "dynamic" else ref.int8_linear_weight_only
+    torch.testing.assert_close(q(x), fn(x, q.weight, q.weight_scale, q.bias))
+    cos = torch.nn.functional.cosine_similarity(q(x).flatten(), lin(x).flatten(), dim=0)
+    assert cos > 0.999
+
+
+def test_bad_mode():
+    with pytest.raises(ValueError, match="mode"):
+        Int8Linear.from_linear(linear(), mode="int4")
+
+
+def test_to_linear_round_trip():
+    lin = linear()
+    back = Int8Linear.from_linear(lin).to_linear()
+    assert type(back) is nn.Linear
+    torch.testing.assert_close(back.weight, lin.weight, atol=lin.weight.abs().max().item() / 127, rtol=0)
+    torch.testing.assert_close(back.bias, lin.bias)
+
+
+@pytest.mark.parametrize("cast", ["bfloat16", "half"])
+def test_half_precision_sets_compute_dtype_and_keeps_scales(cast):
+    q = getattr(Int8Linear.from_linear(linear(), mode="dynamic"), cast)()
+    dtype = torch.bfloat16 if cast == "bfloat16" else torch.float16
+    assert q.weight.dtype == torch.int8
+    assert q.weight_scale.dtype == torch.float32
+    assert q.bias.dtype == dtype
+    y = q(torch.randn(2, 40, dtype=dtype))
+    assert y.dtype == dtype and torch.isfinite(y.float()).all()
+    q = q.to(torch.float32)
+    assert q.bias.dtype == torch.float32 and q.weight_scale.dtype == torch.float32
+
+
+def test_deepcopy_pickle_and_state_dict(tmp_path):
+    q = Int8Linear.from_linear(linear(), mode="weight_only")
+    x = torch.randn(4, 40)
+    for clone in (copy.deepcopy(q), pickle.loads(pickle.dumps(q))):
+        torch.testing.assert_close(clone(x), q(x))
+        assert clone.mode == "weight_only"
+    path = tmp_path / "sd.pt"
+    torch.save(q.state_dict(), path)
+    sd = torch.load(path, weights_only=True)
+    assert set(sd) == {"weight", "weight_scale", "bias"}
+    fresh = Int8Linear(40, 24, mode="weight_only")
+    fresh.load_state_dict(sd)
+    torch.testing.assert_close(fresh(x), q(x))
+
+
+def test_fine_tuning_through_frozen_int8_layers():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 4))
+    model[2] = Int8Linear.from_linear(model[2])
+    x = torch.randn(256, 16)
+    y = torch.randint(0, 4, (256,))
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    weight_before = model[2].weight.clone()
+    losses = []
+    for _ in range(60):
+        loss = nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0]
+    assert model[0].weight.grad is not None and model[2].bias.grad is not None
+    assert torch.equal(model[2].weight, weight_before)
