@@ -62,8 +62,15 @@ test-cpp: build
 	cmake --build cmake-build -j $(MAX_JOBS)
 	cd cmake-build && ctest --output-on-failure
 
+# Each bench/bench_<concept>.py writes bench/results/<concept>_cpu.json, then a
+# table of medians and speed-ups is printed. torchao is an optional peer.
 bench: build
-	$(BIN)/python -m pytest -q bench --benchmark-only --benchmark-json=bench/results/bench_latest.json
+	$(BIN)/pip install -q torchao || true
+	for f in $$(ls bench/bench_*.py | grep -v _cuda.py); do \
+	  name=$$(basename $$f .py | sed 's/^bench_//'); \
+	  $(BIN)/python -m pytest -q $$f --benchmark-only --benchmark-json=bench/results/$${name}_cpu.json || exit 1; \
+	  $(BIN)/python bench/summarize.py bench/results/$${name}_cpu.json; \
+	done
 
 clean:
 	rm -rf build cmake-build peft_ext/*.so

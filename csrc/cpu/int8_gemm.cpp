@@ -115,6 +115,11 @@ QuantizedRows quantize(const at::Tensor& x2d) {
   return r;
 }
 
+// From this many activation rows on, packing weight panels (one extra pass over
+// the weight per call) pays for itself; below, the dot-product kernel streams
+// the row-major int8 weight directly.
+constexpr int64_t kPackedMinM = 8;
+
 std::tuple<at::Tensor, at::Tensor> quantize_per_token_cpu(const at::Tensor& x) {
   check_float_input(x, "x");
   const at::Tensor x2d = rows_f32(x);
@@ -139,8 +144,9 @@ at::Tensor int8_linear_cpu(const at::Tensor& x, const at::Tensor& weight,
   const int8_t* qp = r.q.data_ptr<int8_t>();
   const uint8_t* ap = r.aq.data_ptr<uint8_t>();
   const int8_t* wp = weight.data_ptr<int8_t>();
-  parallel_columns(N, K, M, 4, [&](int64_t n0, int64_t n1) {
-    auto fn = avx2 ? gemm_s8_avx2 : gemm_s8_scalar;
+  const bool packed = avx2 && M >= kPackedMinM;
+  parallel_columns(N, K, M, packed ? 16 : 4, [&](int64_t n0, int64_t n1) {
+    auto fn = packed ? gemm_s8_packed_avx2 : avx2 ? gemm_s8_avx2 : gemm_s8_scalar;
     fn(qp, ap, r.ldq, wp, M, K, n0, n1, ep);
   });
   return out;

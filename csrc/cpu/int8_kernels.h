@@ -58,6 +58,11 @@ void gemm_s8_scalar(const int8_t* q, const uint8_t* aq, int64_t ldq, const int8_
 void gemm_s8_avx2(const int8_t* q, const uint8_t* aq, int64_t ldq, const int8_t* w,
                   int64_t M, int64_t K, int64_t n0, int64_t n1, const Epilogue& ep);
 
+// W8A8 for many rows: packs 16 weight rows at a time into an outer-product
+// panel (one pass over the weight per call) and multiplies 4 rows at a time.
+void gemm_s8_packed_avx2(const int8_t* q, const uint8_t* aq, int64_t ldq, const int8_t* w,
+                         int64_t M, int64_t K, int64_t n0, int64_t n1, const Epilogue& ep);
+
 // Weight-only output columns [n0, n1): float rows x[M, K] (stride ldx) dotted
 // with int8 weight rows converted to float in registers, then ep.store.
 void gemm_wo_scalar(const float* x, int64_t ldx, const int8_t* w, int64_t M, int64_t K,
