@@ -192,3 +192,13 @@ def test_k_overflow_guard():
         ops.int8_linear(torch.randn(1, k), q, torch.ones(1))
     # weight-only accumulates in float and has no such limit
     assert torch.isfinite(ops.int8_linear_weight_only(torch.randn(1, k), q, torch.ones(1))).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 70, 21), (5, 70, 21), (40, 333, 50)])
+def test_w8a8_is_bitwise_the_reference(isa, dtype, shape):
+    # Same integer sums, same float operation order in the epilogue: the
+    # kernels (dot-product and packed paths, vector and scalar stores) must
+    # reproduce the reference exactly.
+    x, q, s, b = make(*shape, dtype)
+    assert torch.equal(ops.int8_linear(x, q, s, b), ref.int8_linear(x, q, s, b))

@@ -10,7 +10,8 @@ namespace peft_ext::cpu {
 
 Isa detected_isa() {
 #if defined(__x86_64__) || defined(_M_X64)
-  static const Isa isa = (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+  static const Isa isa = (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                          __builtin_cpu_supports("f16c"))
                              ? Isa::Avx2
                              : Isa::Scalar;
   return isa;

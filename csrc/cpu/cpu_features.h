@@ -8,7 +8,7 @@ namespace peft_ext::cpu {
 
 enum class Isa { Scalar = 0, Avx2 = 1 };
 
-// The best ISA this CPU supports (AVX2 needs both avx2 and fma).
+// The best ISA this CPU supports ("avx2" needs avx2, fma and f16c).
 Isa detected_isa();
 // The ISA kernels use now: detected_isa() unless lowered by set_isa() or by the
 // environment variable PEFT_EXT_CPU_ISA=scalar (read once at load time).

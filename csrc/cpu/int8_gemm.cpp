@@ -168,17 +168,23 @@ at::Tensor int8_linear_weight_only_cpu(const at::Tensor& x, const at::Tensor& we
   if (M == 0 || N == 0) return out;
   const at::Tensor b = bias_f32(bias);
   if (M > kWeightOnlyDirectMaxM) {
-    // Tiles of about 4 MiB of float weights bound the extra memory.
+    // Tiles of about 4 MiB of float weights bound the extra memory; a float32
+    // output is written in place, others go through one float32 buffer.
     const int64_t tile = std::max<int64_t>(16, (int64_t{1} << 20) / std::max<int64_t>(K, 1));
-    at::Tensor y = at::empty({M, N}, x2d.options());
+    const bool in_place = x.scalar_type() == at::kFloat;
+    at::Tensor y = in_place ? out.view({M, N}) : at::empty({M, N}, x2d.options());
     for (int64_t n0 = 0; n0 < N; n0 += tile) {
       const int64_t nt = std::min(tile, N - n0);
       const at::Tensor wt = weight.narrow(0, n0, nt).to(at::kFloat).mul_(
           weight_scale.narrow(0, n0, nt).unsqueeze(1));
-      at::Tensor yt = b.defined() ? at::addmm(b.narrow(0, n0, nt), x2d, wt.t()) : at::mm(x2d, wt.t());
-      y.narrow(1, n0, nt).copy_(yt);
+      at::Tensor yt = y.narrow(1, n0, nt);
+      if (b.defined()) {
+        at::addmm_out(yt, b.narrow(0, n0, nt), x2d, wt.t());
+      } else {
+        at::mm_out(yt, x2d, wt.t());
+      }
     }
-    out.view({M, N}).copy_(y);
+    if (!in_place) out.view({M, N}).copy_(y);
     return out;
   }
   const Epilogue ep{nullptr, weight_scale.data_ptr<float>(),

@@ -12,7 +12,7 @@
 
 #include "int8_kernels.h"
 
-#define PEFT_AVX2 __attribute__((target("avx2,fma")))
+#define PEFT_AVX2 __attribute__((target("avx2,fma,f16c")))
 
 namespace peft_ext::cpu {
 
@@ -119,6 +119,47 @@ PEFT_AVX2 inline void transpose8_store(__m256i (&v)[8], int8_t* dst) {
   for (int p = 0; p < 4; ++p) {
     _mm256_store_si256(reinterpret_cast<__m256i*>(dst + 64 * p), _mm256_permute2x128_si256(u[p], u[p + 4], 0x20));
     _mm256_store_si256(reinterpret_cast<__m256i*>(dst + 64 * (p + 4)), _mm256_permute2x128_si256(u[p], u[p + 4], 0x31));
+  }
+}
+
+// Eight finished values to the output in its dtype, rounding like c10's
+// scalar conversions (round to nearest even; NaN stays NaN).
+PEFT_AVX2 inline void store8(const Epilogue& ep, int64_t i, __m256 v) {
+  switch (ep.dtype) {
+    case c10::ScalarType::BFloat16: {
+      const __m256i bits = _mm256_castps_si256(v);
+      const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+      __m256i r = _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF))), 16);
+      const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+      r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), nan);
+      r = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0xD8);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<c10::BFloat16*>(ep.out) + i),
+                       _mm256_castsi256_si128(r));
+      break;
+    }
+    case c10::ScalarType::Half:
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<c10::Half*>(ep.out) + i),
+                       _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+      break;
+    default:
+      _mm256_storeu_ps(static_cast<float*>(ep.out) + i, v);
+  }
+}
+
+// One row of a 16-column tile through the epilogue, vectorized. The arithmetic
+// order matches Epilogue::store, so both give identical results.
+PEFT_AVX2 inline void store_row16(const Epilogue& ep, int64_t m, int64_t n, int64_t nr,
+                                  const int32_t* acc) {
+  if (nr < 16) {
+    for (int64_t j = 0; j < nr; ++j) ep.store(m, n + j, static_cast<float>(acc[j]));
+    return;
+  }
+  const __m256 rs = _mm256_set1_ps(ep.row_scale[m]);
+  for (int h = 0; h < 2; ++h) {
+    const __m256i a = _mm256_load_si256(reinterpret_cast<const __m256i*>(acc + 8 * h));
+    __m256 v = _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(a), rs), _mm256_loadu_ps(ep.col_scale + n + 8 * h));
+    if (ep.bias != nullptr) v = _mm256_add_ps(v, _mm256_loadu_ps(ep.bias + n + 8 * h));
+    store8(ep, m * ep.ldo + n + 8 * h, v);
   }
 }
 
@@ -303,8 +344,7 @@ PEFT_AVX2 void gemm_s8_packed_avx2(const int8_t* q, const uint8_t* aq, int64_t l
         case 2: micro_s8<2>(qm, am, ldq, panel, kq, res); break;
         default: micro_s8<1>(qm, am, ldq, panel, kq, res); break;
       }
-      for (int64_t i = 0; i < mr; ++i)
-        for (int64_t j = 0; j < nr; ++j) ep.store(m + i, n + j, static_cast<float>(res[i][j]));
+      for (int64_t i = 0; i < mr; ++i) store_row16(ep, m + i, n, nr, res[i]);
     }
   }
   std::free(panel);
