@@ -67,7 +67,11 @@ def _flatten(batch, device):
     return tensors, (leaves, spec, idx)
 
 
-def _feed(ring, it, shared, device):
+def _feed(ring, it, shared, device, threads):
+    # A new thread starts with OpenMP's default team size, not the caller's
+    # torch.set_num_threads(): the source's torch ops would then oversubscribe
+    # the cores and spin (seconds per batch on 2 cores). Use the caller's.
+    torch.set_num_threads(threads)
     try:
         while True:
             t0 = time.perf_counter()
@@ -116,6 +120,8 @@ class Prefetcher:
     close(), leaving a `with` block, garbage collection and Ctrl-C stop the
     worker. Note that a for loop keeps the previous batch while asking for the
     next one, so depth=1 allocates a fresh slot for every batch.
+    The source runs on a feeder thread with the caller's torch.get_num_threads();
+    for CPU overlap split the cores, e.g. torch.set_num_threads(cores // 2).
     """
 
     def __init__(self, iterable, device="cuda", depth=2, pin_memory=True, progress=False):
@@ -129,7 +135,8 @@ class Prefetcher:
         self._ring = torch.classes.peft_ext.PrefetchRing(str(self.device), depth, bool(pin_memory))
         self._shared = _Shared()
         thread = threading.Thread(target=_feed, name="peft_ext-prefetch-feeder", daemon=True,
-                                  args=(self._ring, iter(iterable), self._shared, self.device))
+                                  args=(self._ring, iter(iterable), self._shared, self.device,
+                                        torch.get_num_threads()))
         thread.start()
         self._finalizer = weakref.finalize(self, _shutdown, self._ring, thread)
         self._closed = False

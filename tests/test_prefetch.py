@@ -72,7 +72,9 @@ def test_nested_structures_and_passthrough():
                    "i": i, "empty": torch.empty(0, 4)}
 
     ref = list(source())
-    for got, want in zip(Prefetcher(source(), device="cpu"), ref, strict=True):
+    got_all = list(Prefetcher(source(), device="cpu"))
+    assert len(got_all) == len(ref)
+    for got, want in zip(got_all, ref):
         assert got["i"] == want["i"] and got["pair"].meta == want["pair"].meta
         assert isinstance(got["pair"], Pair)
         assert got["list"][1:3] == want["list"][1:3] and got["list"][3][1] == 2.5
