@@ -4,7 +4,8 @@
 // deleter), so the consumer can never see a slot overwritten under it; if the
 // consumer still holds a slot the worker needs, the slot gives that memory to
 // the consumer and allocates afresh ("detached"). All waits are timed and
-// check a stop flag; worker errors reach the consumer in batch order.
+// check a stop flag; worker errors reach the consumer in batch order. Each
+// side waits on its own condition variable so a hand-off wakes one thread.
 // Exposed to Python as torch.classes.peft_ext.PrefetchRing (peft_ext/prefetch.py).
 #include "prefetch_ring.h"
 
@@ -108,7 +109,9 @@ struct Pending {
 
 struct State {
   std::mutex mu;
-  std::condition_variable cv;  // one for all: few waiters, notify_all
+  std::condition_variable feed_cv;  // the feeder waits here for room in `input`
+  std::condition_variable work_cv;  // the worker waits for input or a free slot
+  std::condition_variable out_cv;   // the consumer (and stop()) wait for the worker
   c10::Device device{c10::kCPU};
   bool to_device = false;
   bool pin = false;
@@ -144,7 +147,7 @@ void release_handout(void* ctx) {
   Slot& slot = h->state->slots[h->slot];
   if (slot.gen == h->gen && slot.status == Status::kOut) {
     slot.status = Status::kFree;
-    h->state->cv.notify_all();
+    h->state->work_cv.notify_all();
   }
 }
 
@@ -225,14 +228,14 @@ void worker_main(std::shared_ptr<State> s) {
     size_t idx = 0;
     {
       std::unique_lock<std::mutex> lk(s->mu);
-      while (!s->stop && s->input.empty() && !s->input_done) s->cv.wait_for(lk, kTick);
+      while (!s->stop && s->input.empty() && !s->input_done) s->work_cv.wait_for(lk, kTick);
       if (s->stop || s->input.empty()) break;
       p = std::move(s->input.front());
       s->input.pop_front();
-      s->cv.notify_all();
+      s->feed_cv.notify_all();
       idx = static_cast<size_t>(p.seq) % s->slots.size();
       const auto t0 = Clock::now();
-      while (!s->stop && s->slots[idx].status != Status::kFree) s->cv.wait_for(lk, kTick);
+      while (!s->stop && s->slots[idx].status != Status::kFree) s->work_cv.wait_for(lk, kTick);
       s->worker_wait_s += seconds_since(t0);
       if (s->stop) break;
       s->slots[idx].status = Status::kFilling;
@@ -259,11 +262,12 @@ void worker_main(std::shared_ptr<State> s) {
     s->copy_s += host_s;
     s->batches += 1;
     for (const Entry& e : slot.layout) s->bytes += static_cast<int64_t>(e.bytes);
-    s->cv.notify_all();
+    s->out_cv.notify_all();
   }
   std::lock_guard<std::mutex> lk(s->mu);
   s->worker_exited = true;
-  s->cv.notify_all();
+  s->feed_cv.notify_all();
+  s->out_cv.notify_all();
 }
 
 std::vector<int64_t> contiguous_strides(const std::vector<int64_t>& sizes) {
@@ -308,11 +312,11 @@ class PrefetchRing : public torch::CustomClassHolder {
     TORCH_CHECK(!state_->input_done, "put() after finish()");
     const auto t0 = Clock::now();
     while (!state_->stop && !state_->error && !state_->input.empty())
-      state_->cv.wait_for(lk, kTick);
+      state_->feed_cv.wait_for(lk, kTick);
     state_->put_wait_s += seconds_since(t0);
     if (state_->stop || state_->error) return false;
     state_->input.push_back({state_->next_put++, std::move(tensors)});
-    state_->cv.notify_all();
+    state_->work_cv.notify_all();
     return true;
   }
 
@@ -320,7 +324,7 @@ class PrefetchRing : public torch::CustomClassHolder {
   void finish() {
     std::lock_guard<std::mutex> lk(state_->mu);
     state_->input_done = true;
-    state_->cv.notify_all();
+    state_->work_cv.notify_all();
   }
 
   // Consumer side: (0, tensors) for the next batch, (1, []) when nothing came
@@ -355,14 +359,14 @@ class PrefetchRing : public torch::CustomClassHolder {
           slot.gen += 1;
           slot.status = Status::kFree;
           s.detached += 1;
-          s.cv.notify_all();
+          s.work_cv.notify_all();
         }
         const auto now = Clock::now();
         if (now >= deadline) {
           s.consumer_wait_s += seconds_since(t0);
           return {1, {}};
         }
-        s.cv.wait_until(lk, std::min(deadline, now + kTick));
+        s.out_cv.wait_until(lk, std::min(deadline, now + kTick));
       }
       s.consumer_wait_s += seconds_since(t0);
       slot.status = Status::kOut;
@@ -372,7 +376,6 @@ class PrefetchRing : public torch::CustomClassHolder {
       layout = slot.layout;
       total = slot.total;
       s.next_get += 1;
-      s.cv.notify_all();
     }
     if (mem->device) mem->device->acquire();
     void* base = mem->device ? mem->device->data() : mem->host->ptr;
@@ -397,9 +400,11 @@ class PrefetchRing : public torch::CustomClassHolder {
     {
       std::unique_lock<std::mutex> lk(state_->mu);
       state_->stop = true;
-      state_->cv.notify_all();
+      state_->feed_cv.notify_all();
+      state_->work_cv.notify_all();
+      state_->out_cv.notify_all();
       if (worker_.joinable()) {
-        exited = state_->cv.wait_for(lk, std::chrono::milliseconds(std::max<int64_t>(timeout_ms, 0)),
+        exited = state_->out_cv.wait_for(lk, std::chrono::milliseconds(std::max<int64_t>(timeout_ms, 0)),
                                      [&] { return state_->worker_exited; });
       }
       dropped.swap(state_->input);
