@@ -154,9 +154,14 @@ def test_bad_arguments():
     ctl.remove()
 
 
+INT8_ON_CUDA = torch._C._dispatch_has_kernel_for_dispatch_key("peft_ext::int8_linear", "CUDA")
+
+
 @requires_cuda
 @pytest.mark.parametrize("int8", [False, True])
 def test_cuda_streaming_matches_resident_model(int8):
+    if int8 and not INT8_ON_CUDA:
+        pytest.skip("the int8 ops have no CUDA kernels in this build")
     ref, model = pair(6)
     if int8:
         peft_ext.patch(ref, min_params=1)

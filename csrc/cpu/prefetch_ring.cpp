@@ -123,6 +123,7 @@ double fill(State& s, Slot& slot, const Pending& p) {
 }
 
 void worker_main(std::shared_ptr<State> s) {
+  at::NoGradGuard no_grad;  // copies of batches are data, never part of a graph
   for (;;) {
     Pending p;
     size_t idx = 0;
@@ -342,6 +343,7 @@ class PrefetchRing : public torch::CustomClassHolder {
     CudaBackend* be = cuda_backend();
     if (be == nullptr || !be->device_available()) return t.contiguous().clone();
     const size_t nbytes = std::max<size_t>(static_cast<size_t>(t.numel()) * t.element_size(), 1);
+    at::NoGradGuard no_grad;
     void* p = be->host_alloc(nbytes);
     at::Tensor out = at::from_blob(
         p, t.sizes(), [](void* q) { cuda_backend()->host_free(q); }, t.options());
