@@ -91,7 +91,7 @@ class OffloadPlan:
 
 def _frozen_entries(module, pin, seen):
     """Moves the module's frozen tensors to (pinned) host memory; `seen` maps
-    id(tensor) -> host copy so tied weights are copied once."""
+    id(tensor) -> (tensor, host copy) so tied weights are copied once."""
     entries = []
     for where in ("_parameters", "_buffers"):
         tensors = getattr(module, where)
@@ -104,9 +104,10 @@ def _frozen_entries(module, pin, seen):
                 if where == "_parameters":
                     t.data = host  # the Parameter object (and ties, optimizers) stays
                     host = t
-                seen[id(t)] = host
-            tensors[attr] = seen[id(t)]
-            entries.append((where, attr, seen[id(t)]))
+                seen[id(t)] = (t, host)  # t kept alive so its id is not reused
+            host = seen[id(t)][1]
+            tensors[attr] = host
+            entries.append((where, attr, host))
     return entries
 
 
@@ -122,7 +123,7 @@ class Offloader:
             entries = _frozen_entries(module, pin, seen)
             if entries:
                 self.units.append(_Unit(len(self.units), name or "(root)", module, entries))
-        streamed = {id(h) for h in seen.values()}
+        streamed = {id(h) for _, h in seen.values()}
         for module in model.modules():  # everything not streamed lives on the device
             for where in ("_parameters", "_buffers"):
                 for attr, t in getattr(module, where).items():

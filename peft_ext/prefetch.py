@@ -72,6 +72,7 @@ def _feed(ring, it, shared, device, threads):
     # torch.set_num_threads(): the source's torch ops would then oversubscribe
     # the cores and spin (seconds per batch on 2 cores). Use the caller's.
     torch.set_num_threads(threads)
+    put = ring.put
     try:
         while True:
             t0 = time.perf_counter()
@@ -83,7 +84,7 @@ def _feed(ring, it, shared, device, threads):
             tensors, rebuild = _flatten(batch, device)
             del batch
             shared.rebuild.append(rebuild)
-            if not ring.put(tensors):
+            if not put(tensors):
                 break
     except BaseException as e:  # noqa: B036  delivered to the consumer, in order
         shared.error = e
@@ -133,6 +134,7 @@ class Prefetcher:
         except TypeError:
             self._len = None
         self._ring = torch.classes.peft_ext.PrefetchRing(str(self.device), depth, bool(pin_memory))
+        self._next = self._ring.next
         self._shared = _Shared()
         thread = threading.Thread(target=_feed, name="peft_ext-prefetch-feeder", daemon=True,
                                   args=(self._ring, iter(iterable), self._shared, self.device,
@@ -163,9 +165,9 @@ class Prefetcher:
         if self._t_first is None:
             self._t_first = time.perf_counter()
         try:
-            status, tensors = self._ring.next(_POLL_MS)
+            status, tensors = self._next(_POLL_MS)
             while status == 1:
-                status, tensors = self._ring.next(_POLL_MS)
+                status, tensors = self._next(_POLL_MS)
         except BaseException:
             self.close()
             raise
