@@ -202,8 +202,9 @@ class Prefetcher:
     def stats(self) -> dict:
         """bytes moved, copy GB/s (host staging, and host-to-device on CUDA),
         seconds the consumer and the worker waited, seconds spent in the
-        source, and overlap = 1 - consumer wait / consumer wall time (1.0:
-        data was always ready)."""
+        source, overlap = 1 - consumer wait / consumer wall time (1.0: data
+        was always ready), memory the slots hold (slot_bytes) and how many
+        times a slot gave its memory to a batch the consumer kept (detached)."""
         r = dict(self._ring.stats())
         elapsed = (self._t_last - self._t_first) if self._t_last is not None else 0.0
         return {
@@ -217,6 +218,7 @@ class Prefetcher:
             "elapsed_s": elapsed,
             "overlap": 1.0 - r["consumer_wait_s"] / elapsed if elapsed > 0 else float("nan"),
             "detached": int(r["detached"]),
+            "slot_bytes": int(r["slot_bytes"]),
         }
 
     def close(self):

@@ -61,6 +61,15 @@ def test_kept_batches_stay_intact():
     assert p.stats()["detached"] >= len(sizes) - 2
 
 
+def test_slots_sized_exactly_and_grow_only():
+    # 1000 floats take 4000 bytes, padded to 4032 (64-byte alignment); the one
+    # 3000-float batch grows only its own slot, to 12032 bytes, not 16 KiB.
+    sizes = [1000] * 6 + [3000] + [1000] * 6
+    p = Prefetcher((torch.ones(n) for n in sizes), device="cpu", depth=2)
+    assert [b.numel() for b in p] == sizes
+    assert p.stats()["slot_bytes"] == 4032 + 12032 and p.stats()["detached"] == 0
+
+
 def test_nested_structures_and_passthrough():
     def source():
         gen = torch.Generator().manual_seed(0)

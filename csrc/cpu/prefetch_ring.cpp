@@ -163,6 +163,8 @@ void worker_main(std::shared_ptr<State> s) {
     s->copy_s += host_s;
     s->batches += 1;
     for (const Entry& e : slot.layout) s->bytes += static_cast<int64_t>(e.bytes);
+    slot.held_bytes = (slot.mem->host ? slot.mem->host->bytes : 0) +
+                      (slot.mem->device ? slot.mem->device->bytes() : 0);
     s->out_cv.notify_all();
   }
   std::lock_guard<std::mutex> lk(s->mu);
@@ -260,6 +262,7 @@ class PrefetchRing : public torch::CustomClassHolder {
           slot.gen += 1;
           slot.status = Status::kFree;
           s.detached += 1;
+          slot.held_bytes = 0;
           s.work_cv.notify_all();
         }
         const auto now = Clock::now();
@@ -333,6 +336,9 @@ class PrefetchRing : public torch::CustomClassHolder {
     d.insert("worker_wait_s", state_->worker_wait_s);
     d.insert("put_wait_s", state_->put_wait_s);
     d.insert("detached", static_cast<double>(state_->detached));
+    size_t held = 0;
+    for (const Slot& slot : state_->slots) held += slot.held_bytes;
+    d.insert("slot_bytes", static_cast<double>(held));
     return d;
   }
 

@@ -83,6 +83,7 @@ struct Slot {
   size_t total = 0;
   std::vector<Entry> layout;
   std::vector<at::Tensor> uploading;  // pinned sources copied directly, kept until uploaded
+  size_t held_bytes = 0;  // host + device memory the slot owns (stats)
 };
 
 struct Pending {
