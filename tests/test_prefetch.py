@@ -24,6 +24,15 @@ def os_threads():
     return len(os.listdir("/proc/self/task"))
 
 
+def settled_os_threads(expected, timeout=2.0):
+    """The OS thread count, polled until it reaches `expected`: a joined thread
+    may take a moment to leave /proc after Python's join() returns."""
+    deadline = time.monotonic() + timeout
+    while os_threads() != expected and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return os_threads()
+
+
 def rss_bytes():
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -194,7 +203,7 @@ def test_early_break_close_with_gc_no_leak():
             Prefetcher(endless(), device="cpu")  # dropped unused: GC ends it
     gc.collect()
     assert time.perf_counter() - t0 < 60
-    assert os_threads() == threads and threading.active_count() == py_threads
+    assert settled_os_threads(threads) == threads and threading.active_count() == py_threads
     assert rss_bytes() - rss < 64 * 2**20
 
 
@@ -218,7 +227,7 @@ def test_ctrl_c_while_waiting_stops_worker():
     assert p._closed
     del p
     gc.collect()
-    assert os_threads() == threads
+    assert settled_os_threads(threads) == threads
 
 
 def test_overlap_hides_producer_behind_step():
