@@ -86,6 +86,7 @@ def _feed(ring, it, shared, device, threads):
             shared.rebuild.append(rebuild)
             if not put(tensors):
                 break
+            tensors = None  # the ring holds them now; do not pin one more batch here
     except BaseException as e:  # noqa: B036  delivered to the consumer, in order
         shared.error = e
     finally:
