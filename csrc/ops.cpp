@@ -23,6 +23,11 @@ static std::string build_info() {
 
 static void set_cpu_isa(std::string isa) { cpu::set_isa(isa); }
 
+// csrc/cpu/prefetch_ring.cpp
+namespace prefetch {
+void register_prefetch_ring(torch::Library& m);
+}
+
 TORCH_LIBRARY(peft_ext, m) {
   // Introspection, used by `python -m peft_ext info` and by the tests to run
   // the portable kernels next to the AVX2 ones.
@@ -40,6 +45,11 @@ TORCH_LIBRARY(peft_ext, m) {
       "Tensor");
   // q_w * s_w as a float tensor of the given dtype (backward, to_linear).
   m.def("int8_dequantize(Tensor weight, Tensor weight_scale, ScalarType dtype) -> Tensor");
+
+  // prefetch: torch.classes.peft_ext.PrefetchRing(str device, int depth, bool pin_memory),
+  // a fixed ring of slots filled by a C++ worker thread (and, on CUDA, a side
+  // stream); methods put, finish, next, stop, stats and the static pin().
+  prefetch::register_prefetch_ring(m);
 }
 
 }  // namespace peft_ext

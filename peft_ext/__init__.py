@@ -7,7 +7,9 @@
 from . import ops
 from .nn import Int8Linear
 from .patch import PatchReport, patch, unpatch
+from .prefetch import Prefetcher
+from .offload import offload
 
 __version__ = "0.1.0"
 
-__all__ = ["Int8Linear", "PatchReport", "ops", "patch", "unpatch", "__version__"]
+__all__ = ["Int8Linear", "PatchReport", "Prefetcher", "offload", "ops", "patch", "unpatch", "__version__"]

@@ -149,6 +149,7 @@ def patch(
     exclude_modules: Optional[Union[str, Iterable[str]]] = ("lm_head",),
     filter_fn: Optional[Callable[[str, nn.Module], bool]] = None,
     min_params: int = 1024,
+    offload: Optional[dict] = None,
 ) -> PatchReport:
     """Replace matching nn.Linear (and transformers Conv1D) modules in place.
 
@@ -159,6 +160,8 @@ def patch(
     filter_fn(name, module) -> bool: a last say on each candidate.
     min_params: layers with fewer weights are left alone (too small to gain).
     The model's output head (get_output_embeddings(), or "lm_head") is kept.
+    offload: keyword arguments of peft_ext.offload(), run after the swap (int8
+        layers then stream half the bytes); the Offloader is `report.offload`.
     """
     if quantize not in QUANTIZE_MODES:
         raise ValueError(f"quantize must be one of {sorted(QUANTIZE_MODES)}, got {quantize!r}")
@@ -186,6 +189,10 @@ def patch(
                 decided[id(child)] = new
         if decided[id(child)] is not None:
             setattr(parent, attr, decided[id(child)])
+    if offload is not None:
+        from .offload import offload as offload_model
+
+        report.offload = offload_model(model, **offload)
     return report
 
 

@@ -1,0 +1,283 @@
+"""Prefetcher and the C++ prefetch ring: order, exactly-once delivery, nested
+batches, faults, shutdown (break, close, with, GC, Ctrl-C), bounded memory."""
+import _thread
+import gc
+import os
+import random
+import threading
+import time
+import traceback
+from collections import namedtuple
+
+import pytest
+import torch
+
+import peft_ext
+from peft_ext import Prefetcher
+
+from conftest import requires_cuda
+
+Pair = namedtuple("Pair", "x meta")
+
+
+def os_threads():
+    return len(os.listdir("/proc/self/task"))
+
+
+def settled_os_threads(expected, timeout=2.0):
+    """The OS thread count, polled until it reaches `expected`: a joined thread
+    may take a moment to leave /proc after Python's join() returns."""
+    deadline = time.monotonic() + timeout
+    while os_threads() != expected and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return os_threads()
+
+
+def rss_bytes():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def tagged(i, n, dtype=torch.float32):
+    """A batch whose every value says which batch it is."""
+    return torch.full((n,), float(i), dtype=dtype) + torch.arange(n, dtype=dtype) * 1e-3
+
+
+def check(i, t, n):
+    assert t.shape == (n,) and torch.equal(t, tagged(i, n, t.dtype)), f"batch {i} is wrong"
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3])
+def test_order_exactly_once_random_sizes(depth):
+    rng = random.Random(depth)
+    sizes = [rng.choice([0, 1, 3, 17, 257, rng.randrange(1, 40_000)]) for _ in range(2000)]
+    seen = []
+    for i, b in enumerate(Prefetcher((tagged(i, n) for i, n in enumerate(sizes)), device="cpu",
+                                     depth=depth)):
+        check(i, b, sizes[i])
+        seen.append(i)
+    assert seen == list(range(len(sizes)))
+
+
+def test_kept_batches_stay_intact():
+    # The consumer keeps every batch: slots must be detached, never overwritten.
+    rng = random.Random(1)
+    sizes = [rng.randrange(1, 5000) for _ in range(300)]
+    p = Prefetcher((tagged(i, n) for i, n in enumerate(sizes)), device="cpu", depth=2)
+    kept = list(p)
+    for i, b in enumerate(kept):
+        check(i, b, sizes[i])
+    assert p.stats()["detached"] >= len(sizes) - 2
+
+
+def test_slots_sized_exactly_and_grow_only():
+    # 1000 floats take 4000 bytes, padded to 4032 (64-byte alignment); the one
+    # 3000-float batch grows only its own slot, to 12032 bytes, not 16 KiB.
+    sizes = [1000] * 6 + [3000] + [1000] * 6
+    p = Prefetcher((torch.ones(n) for n in sizes), device="cpu", depth=2)
+    assert [b.numel() for b in p] == sizes
+    assert p.stats()["slot_bytes"] == 4032 + 12032 and p.stats()["detached"] == 0
+
+
+def test_nested_structures_and_passthrough():
+    def source():
+        gen = torch.Generator().manual_seed(0)
+        for i in range(50):
+            x = torch.randn(3, 1 + i % 7, dtype=torch.float64, generator=gen)
+            nc = torch.arange(40, dtype=torch.int16).reshape(5, 8).t()  # non-contiguous
+            yield {"x": x, "pair": Pair(x[:, ::2], meta=f"id{i}"),
+                   "list": [nc, i, None, (torch.tensor(i % 2 == 0), 2.5)],
+                   "i": i, "empty": torch.empty(0, 4)}
+
+    ref = list(source())
+    got_all = list(Prefetcher(source(), device="cpu"))
+    assert len(got_all) == len(ref)
+    for got, want in zip(got_all, ref):
+        assert got["i"] == want["i"] and got["pair"].meta == want["pair"].meta
+        assert isinstance(got["pair"], Pair)
+        assert got["list"][1:3] == want["list"][1:3] and got["list"][3][1] == 2.5
+        for a, b in [(got["x"], want["x"]), (got["pair"].x, want["pair"].x),
+                     (got["list"][0], want["list"][0]), (got["list"][3][0], want["list"][3][0]),
+                     (got["empty"], want["empty"])]:
+            assert a.dtype == b.dtype and a.shape == b.shape and a.is_contiguous()
+            assert torch.equal(a, b)
+            assert a.data_ptr() != b.data_ptr() or a.numel() == 0  # a copy in the ring
+
+
+def test_len_and_stats():
+    data = [torch.randn(1000) for _ in range(20)]
+    p = Prefetcher(data, device="cpu")
+    assert len(p) == 20
+    out = list(p)
+    assert all(torch.equal(a, b) for a, b in zip(out, data))
+    s = p.stats()
+    assert s["batches"] == 20 and s["bytes"] == 20 * 4000
+    assert s["copy_gbps"] > 0 and 0 <= s["consumer_wait_s"] and s["overlap"] <= 1
+    with pytest.raises(TypeError):
+        len(Prefetcher(iter(data), device="cpu"))
+
+
+def test_progress_bar(capsys):
+    out = list(Prefetcher([torch.ones(2)] * 5, device="cpu", progress=True))
+    assert len(out) == 5
+    assert "5/5" in capsys.readouterr().err
+
+
+class Boom(Exception):
+    pass
+
+
+def failing_source(k):
+    for i in range(100):
+        if i == k:
+            raise Boom(f"source failed at {i}")
+        yield tagged(i, 10)
+
+
+@pytest.mark.parametrize("k", [0, 1, 7])
+def test_source_exception_after_earlier_batches(k):
+    got = []
+    with pytest.raises(Boom, match=f"source failed at {k}") as info:
+        for b in Prefetcher(failing_source(k), device="cpu"):
+            got.append(int(b[0]))
+    assert got == list(range(k))
+    frames = [f.name for f in traceback.extract_tb(info.value.__traceback__)]
+    assert "failing_source" in frames  # the source's own frame survives the thread hop
+
+
+def test_worker_exceptions_keep_type():
+    # The worker cannot read a meta tensor (ValueError) nor allocate 2**62
+    # bytes of staging for an expanded view (torch.OutOfMemoryError).
+    def source(bad):
+        yield torch.ones(3)
+        yield bad
+
+    it = Prefetcher(source(torch.empty(3, device="meta")), device="cpu")
+    assert torch.equal(next(it), torch.ones(3))
+    with pytest.raises(ValueError, match="prefetch worker, copying batch 1"):
+        next(it)
+    with pytest.raises(StopIteration):
+        next(it)
+    huge = torch.zeros(1).expand(2**60)
+    with pytest.raises(torch.OutOfMemoryError, match="staging"):
+        list(Prefetcher(source(huge), device="cpu"))
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="depth"):
+        Prefetcher([], device="cpu", depth=0)
+    with pytest.raises(ValueError, match="device"):
+        Prefetcher([], device="meta")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA"):
+            Prefetcher([], device="cuda")
+
+
+def endless(n=4096):
+    i = 0
+    while True:
+        yield torch.full((n,), float(i))
+        i += 1
+
+
+def test_early_break_close_with_gc_no_leak():
+    for _ in range(20):  # warm up allocator, thread stacks, lazy imports
+        for _ in Prefetcher(endless(), device="cpu"):
+            break
+    gc.collect()
+    threads, py_threads, rss = os_threads(), threading.active_count(), rss_bytes()
+    t0 = time.perf_counter()
+    for i in range(1000):
+        kind = i % 4
+        if kind == 0:
+            for b in Prefetcher(endless(), device="cpu"):
+                break
+        elif kind == 1:
+            p = Prefetcher(endless(), device="cpu")
+            next(p)
+            p.close()
+        elif kind == 2:
+            with Prefetcher(endless(), device="cpu") as p:
+                next(p), next(p)
+        else:
+            Prefetcher(endless(), device="cpu")  # dropped unused: GC ends it
+    gc.collect()
+    assert time.perf_counter() - t0 < 60
+    assert settled_os_threads(threads) == threads and threading.active_count() == py_threads
+    assert rss_bytes() - rss < 64 * 2**20
+
+
+def test_ctrl_c_while_waiting_stops_worker():
+    def slow():
+        while True:
+            time.sleep(0.05)
+            yield torch.ones(4)
+
+    threads = os_threads()
+    p = Prefetcher(slow(), device="cpu")
+    next(p)
+    timer = threading.Timer(0.2, _thread.interrupt_main)
+    t0 = time.perf_counter()
+    timer.start()
+    with pytest.raises(KeyboardInterrupt):
+        while True:
+            next(p)
+    timer.join()
+    assert time.perf_counter() - t0 < 2
+    assert p._closed
+    del p
+    gc.collect()
+    assert settled_os_threads(threads) == threads
+
+
+def test_overlap_hides_producer_behind_step():
+    # Producing a batch and a step each release the GIL for 20 ms: prefetched,
+    # they overlap, so 10 batches take well under the 400 ms of a plain loop.
+    def source():
+        for i in range(10):
+            time.sleep(0.02)
+            yield torch.full((8,), float(i))
+
+    t0 = time.perf_counter()
+    for b in Prefetcher(source(), device="cpu"):
+        time.sleep(0.02)
+    elapsed = time.perf_counter() - t0
+    assert elapsed < 0.34, elapsed
+
+
+def test_pin_copies_exactly():
+    t = torch.randn(5, 3)[:, 1]
+    p = torch.classes.peft_ext.PrefetchRing.pin(t)
+    assert torch.equal(p, t) and p.is_contiguous() and p.data_ptr() != t.data_ptr()
+    assert p.is_pinned() == torch.cuda.is_available()
+
+
+@requires_cuda
+@pytest.mark.parametrize("pinned_source", [False, True])
+def test_cuda_order_and_values(pinned_source):
+    rng = random.Random(0)
+    sizes = [rng.randrange(1, 300_000) for _ in range(200)]
+
+    def source():
+        for i, n in enumerate(sizes):
+            t = tagged(i, n)
+            yield {"x": t.pin_memory() if pinned_source else t, "i": i}
+
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):  # batches must be ready on the consumer's stream
+        for i, b in enumerate(Prefetcher(source(), device="cuda")):
+            assert b["x"].is_cuda and b["i"] == i
+            torch.cuda._sleep(100_000)  # keep the GPU busy so reuse races would show
+            check(i, b["x"].cpu(), sizes[i])
+    torch.cuda.synchronize()
+
+
+@requires_cuda
+def test_cuda_kept_batches_and_device_passthrough():
+    dev = torch.device("cuda", torch.cuda.current_device())
+    on_gpu = torch.arange(5, device=dev)
+    data = [(tagged(i, 1000 + i), on_gpu) for i in range(50)]
+    kept = list(Prefetcher(data, device="cuda", depth=2))
+    for i, (x, g) in enumerate(kept):
+        assert g is on_gpu
+        check(i, x.cpu(), 1000 + i)
