@@ -14,6 +14,8 @@
 // "col" operand of mma.row.col, so both tiles are copied row by row into
 // shared memory and ldmatrix hands out the fragments without any transpose.
 #include <algorithm>
+#include <array>
+#include <atomic>
 
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAStream.h>
@@ -79,6 +81,32 @@ struct GemmArgs {
   OutType out_type;
   bool w_vec;  // K % 16 == 0 and w 16-byte aligned: every weight chunk can go through cp.async
 };
+
+// Outputs (m, n) and (m, n + 1) from two int32 sums, in the CPU path's order:
+// ((float)acc * s_x) * s_w + bias, each step rounded once.
+__device__ __forceinline__ void store_pair(const GemmArgs& p, int64_t o, int64_t n, float sx,
+                                           int32_t acc0, int32_t acc1, bool pair_ok) {
+  if (n >= p.N) return;
+  const bool two = n + 1 < p.N;
+  float v0 = __fmul_rn(__fmul_rn(static_cast<float>(acc0), sx), p.sw[n]);
+  float v1 = two ? __fmul_rn(__fmul_rn(static_cast<float>(acc1), sx), p.sw[n + 1]) : 0.0f;
+  if (p.bias != nullptr) {
+    v0 = __fadd_rn(v0, p.bias[n]);
+    if (two) v1 = __fadd_rn(v1, p.bias[n + 1]);
+  }
+  if (two && pair_ok) {
+    if (p.out_type == OutType::kBFloat16) {
+      *reinterpret_cast<__nv_bfloat162*>(static_cast<__nv_bfloat16*>(p.out) + o) = __floats2bfloat162_rn(v0, v1);
+    } else if (p.out_type == OutType::kHalf) {
+      *reinterpret_cast<__half2*>(static_cast<__half*>(p.out) + o) = __floats2half2_rn(v0, v1);
+    } else {
+      *reinterpret_cast<float2*>(static_cast<float*>(p.out) + o) = make_float2(v0, v1);
+    }
+  } else {
+    store_out(p.out, o, v0, p.out_type);
+    if (two) store_out(p.out, o + 1, v1, p.out_type);
+  }
+}
 
 // BM output rows per block, WARPS_M x 4 warps of 64 x 32 outputs each.
 template <int BM, int WARPS_M>
@@ -190,8 +218,7 @@ __global__ void __launch_bounds__(WARPS_M * 4 * 32) gemm_s8_kernel(const GemmArg
   }
   cp_async_wait<0>();
 
-  // Epilogue straight from the accumulators, in the CPU path's order:
-  // ((float)acc * s_x) * s_w + bias, each step rounded once.
+  // Epilogue straight from the accumulators.
   const int g = lane / 4, t = lane % 4;
   const bool pair_ok = p.N % 2 == 0;  // row starts even: two outputs per store
 #pragma unroll
@@ -199,34 +226,12 @@ __global__ void __launch_bounds__(WARPS_M * 4 * 32) gemm_s8_kernel(const GemmArg
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int64_t m = m0 + warp_m * kWarpM + i * 16 + g + h * 8;
-      if (m >= p.M) continue;
-      const float sx = p.sx[m];
+      if (m < p.M) {
+        const float sx = p.sx[m];
 #pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const int64_t n = n0 + warp_n * kWarpN + j * 8 + 2 * t;
-        float v[2] = {0.0f, 0.0f};
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int64_t ne = n + e;
-          if (ne < p.N) {
-            v[e] = __fmul_rn(__fmul_rn(static_cast<float>(acc[i][j][2 * h + e]), sx), p.sw[ne]);
-            if (p.bias != nullptr) v[e] = __fadd_rn(v[e], p.bias[ne]);
-          }
-        }
-        const int64_t o = m * p.N + n;
-        if (pair_ok && n + 1 < p.N) {
-          if (p.out_type == OutType::kBFloat16) {
-            *reinterpret_cast<__nv_bfloat162*>(static_cast<__nv_bfloat16*>(p.out) + o) =
-                __floats2bfloat162_rn(v[0], v[1]);
-          } else if (p.out_type == OutType::kHalf) {
-            *reinterpret_cast<__half2*>(static_cast<__half*>(p.out) + o) = __floats2half2_rn(v[0], v[1]);
-          } else {
-            *reinterpret_cast<float2*>(static_cast<float*>(p.out) + o) = make_float2(v[0], v[1]);
-          }
-        } else {
-#pragma unroll
-          for (int e = 0; e < 2; ++e)
-            if (n + e < p.N) store_out(p.out, o + e, v[e], p.out_type);
+        for (int j = 0; j < 4; ++j) {
+          const int64_t n = n0 + warp_n * kWarpN + j * 8 + 2 * t;
+          store_pair(p, m * p.N + n, n, sx, acc[i][j][2 * h], acc[i][j][2 * h + 1], pair_ok);
         }
       }
     }
@@ -234,21 +239,29 @@ __global__ void __launch_bounds__(WARPS_M * 4 * 32) gemm_s8_kernel(const GemmArg
 }
 
 // ATen's device-properties helper lives in a header that needs the cuBLAS and
-// cuSPARSE headers, which a bare toolkit lacks; the runtime attribute is cheap
-// and makes no stream work (capture safe).
+// cuSPARSE headers, which a bare toolkit lacks: ask the runtime once per device
+// (the first, eager call; graph capture then makes no runtime query).
 int multiprocessor_count(int device) {
+  static std::array<std::atomic<int>, 64> cached{};
+  if (device < 64 && cached[device].load() > 0) return cached[device].load();
   int sms = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  if (device < 64) cached[device].store(sms);
   return sms;
 }
 
 template <int BM, int WARPS_M>
-void launch_gemm(const GemmArgs& args) {
+void launch_gemm(const GemmArgs& args, int device) {
   constexpr int smem = kStages * (BM + kBN) * kSmemRow;
   auto kernel = gemm_s8_kernel<BM, WARPS_M>;
-  // Above 48 KiB of dynamic shared memory needs the opt-in; a host-side
-  // attribute, legal during graph capture.
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  // Above 48 KiB of dynamic shared memory needs the opt-in, once per device:
+  // the first (eager, warm-up) call sets it, so graph capture never sees it.
+  static std::atomic<uint64_t> configured{0};
+  const uint64_t bit = device < 64 ? uint64_t{1} << device : 0;
+  if (bit == 0 || (configured.load() & bit) == 0) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    configured.fetch_or(bit);
+  }
   const dim3 grid(static_cast<unsigned>((args.M + BM - 1) / BM), static_cast<unsigned>((args.N + kBN - 1) / kBN));
   kernel<<<grid, WARPS_M * 4 * 32, smem, c10::cuda::getCurrentCUDAStream()>>>(args);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -283,11 +296,12 @@ at::Tensor int8_linear_cuda(const at::Tensor& x, const at::Tensor& weight,
                 out.data_ptr(), M, N, K, lda, out_type(x.scalar_type()),
                 K % 16 == 0 && aligned16(weight.data_ptr())};
   const int64_t big_tiles = ((M + 127) / 128) * ((N + kBN - 1) / kBN);
-  const int sms = multiprocessor_count(x.get_device());
+  const int device = x.get_device();
+  const int sms = multiprocessor_count(device);
   if (big_tiles >= sms) {
-    launch_gemm<128, 2>(args);
+    launch_gemm<128, 2>(args, device);
   } else {
-    launch_gemm<64, 1>(args);
+    launch_gemm<64, 1>(args, device);
   }
   return out;
 }
