@@ -76,6 +76,11 @@ fi
 
 run_step build 300 "$PY" setup.py build_ext --inplace
 run_step info 30 "$PY" -m peft_ext info
+# Without this the CUDA tests would all skip and the step would still pass.
+run_step cuda_ready 30 "$PY" -c 'import torch; from peft_ext import ops
+assert torch.cuda.is_available(), "torch sees no GPU"
+assert ops.build_info().get("cuda") == "1", "extension built without CUDA: %s" % ops.build_info()
+print("CUDA kernels built for", ops.build_info()["cuda_archs"], "on", torch.cuda.get_device_name(0))'
 run_step tests 240 "$PY" -m pytest -q -ra -m cuda tests -p no:cacheprovider
 
 for bench in bench/bench_*_cuda.py; do
