@@ -9,6 +9,7 @@
 #include "sparse_kernels.h"
 
 #define PEFT_AVX2 __attribute__((target("avx2,fma")))
+#define PEFT_AVX2_LAMBDA __attribute__((target("avx2,fma"), always_inline))
 
 namespace peft_ext::cpu {
 
@@ -31,10 +32,11 @@ PEFT_AVX2 void sp24_row(const float* x, int64_t ldx, const float* v, const uint8
   const __m256i shifts = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
   const __m256i base = _mm256_setr_epi32(0, 0, 4, 4, 0, 0, 4, 4);
   const __m256i three = _mm256_set1_epi32(3);
-  __m256 acc[2][MR];
-  for (int i = 0; i < MR; ++i) acc[0][i] = acc[1][i] = _mm256_setzero_ps();
-  const int64_t steps = K / 16;
-  for (int64_t t = 0; t < steps; ++t) {
+  __m256 acc0[MR], acc1[MR];
+  for (int i = 0; i < MR; ++i) acc0[i] = acc1[i] = _mm256_setzero_ps();
+  // 16 columns (8 kept values) per step; two steps per iteration into two
+  // accumulator sets, which halves the FMA dependency chain at M = 1.
+  auto step = [&](int64_t t, __m256(&acc)[MR]) PEFT_AVX2_LAMBDA {
     uint16_t bits;
     std::memcpy(&bits, idx + 2 * t, 2);
     const __m256i pos = _mm256_add_epi32(
@@ -44,30 +46,47 @@ PEFT_AVX2 void sp24_row(const float* x, int64_t ldx, const float* v, const uint8
       const float* xr = x + i * ldx + 16 * t;
       const __m256 lo = _mm256_permutevar8x32_ps(_mm256_loadu_ps(xr), pos);
       const __m256 hi = _mm256_permutevar8x32_ps(_mm256_loadu_ps(xr + 8), pos);
-      // Two accumulator sets halve the FMA dependency chain at M = 1.
-      acc[t & 1][i] = _mm256_fmadd_ps(w, _mm256_blend_ps(lo, hi, 0xF0), acc[t & 1][i]);
+      acc[i] = _mm256_fmadd_ps(w, _mm256_blend_ps(lo, hi, 0xF0), acc[i]);
     }
+  };
+  const int64_t steps = K / 16;
+  int64_t t = 0;
+  for (; t + 2 <= steps; t += 2) {
+    step(t, acc0);
+    step(t + 1, acc1);
   }
+  if (t < steps) step(t, acc0);
   for (int i = 0; i < MR; ++i) {
-    float s = hsum_ps(_mm256_add_ps(acc[0][i], acc[1][i]));
+    float s = hsum_ps(_mm256_add_ps(acc0[i], acc1[i]));
     for (int64_t j = 8 * steps; j < K / 2; ++j) s += v[j] * x[i * ldx + sp24_column(idx, j)];
     out[i * ldo] = s;
   }
 }
 
+// xT and yT rows are 32-byte aligned (torch allocations, ldt a multiple of 8).
 // yT[0 .. 8 * MV) += sum_j vals[j] * xT[cols[j] * ldt + (0 .. 8 * MV)]: each
 // stored weight is broadcast once and multiplies MV vectors of activations.
 template <int MV>
 PEFT_AVX2 void entries_tile(const float* xT, int64_t ldt, const int32_t* cols, const float* vals,
                             int64_t L, float* yT) {
+  if (L == 0) return;
+  // acc starts as the first product and yT is added at the end: with a zero
+  // or yT-loaded start GCC keeps acc in memory and stores it every iteration.
   __m256 acc[MV];
-  for (int u = 0; u < MV; ++u) acc[u] = _mm256_loadu_ps(yT + 8 * u);
-  for (int64_t j = 0; j < L; ++j) {
+  {
+    const float* xp = xT + static_cast<int64_t>(cols[0]) * ldt;
+    const __m256 w = _mm256_broadcast_ss(vals);
+#pragma GCC unroll 8
+    for (int u = 0; u < MV; ++u) acc[u] = _mm256_mul_ps(w, _mm256_load_ps(xp + 8 * u));
+  }
+  for (int64_t j = 1; j < L; ++j) {
     const float* xp = xT + static_cast<int64_t>(cols[j]) * ldt;
     const __m256 w = _mm256_broadcast_ss(vals + j);
-    for (int u = 0; u < MV; ++u) acc[u] = _mm256_fmadd_ps(w, _mm256_loadu_ps(xp + 8 * u), acc[u]);
+#pragma GCC unroll 8
+    for (int u = 0; u < MV; ++u) acc[u] = _mm256_fmadd_ps(w, _mm256_load_ps(xp + 8 * u), acc[u]);
   }
-  for (int u = 0; u < MV; ++u) _mm256_storeu_ps(yT + 8 * u, acc[u]);
+#pragma GCC unroll 8
+  for (int u = 0; u < MV; ++u) _mm256_store_ps(yT + 8 * u, _mm256_add_ps(acc[u], _mm256_load_ps(yT + 8 * u)));
 }
 
 // All of one weight row's entries against every column tile of xT.
@@ -91,9 +110,11 @@ PEFT_AVX2 void entries_row(const float* xT, int64_t ldt, const int32_t* cols, co
   }
 }
 
-// Columns of x handled per pass: the xT rows they touch (256 x ldt floats,
-// 128 KiB at M = 128) stay in L2 while every weight row of the chunk uses them.
-constexpr int64_t kColBlock = 256;
+// Columns of x handled per pass: the xT rows they touch (32 x 64 floats per
+// column tile, 8 KiB; 16 KiB for both tiles at M = 128) stay in L1 while a
+// chunk of kRowBlock weight rows uses them (32 measured best of 16..256).
+constexpr int64_t kColBlock = 32;
+constexpr int64_t kRowBlock = 32;
 
 template <int NR, int MV>
 PEFT_AVX2 void bsr_tile(const float* xT, int64_t ldt, const Bsr& w, int64_t r, int64_t i, float* yT) {
@@ -105,7 +126,7 @@ PEFT_AVX2 void bsr_tile(const float* xT, int64_t ldt, const Bsr& w, int64_t r, i
     const float* vb = w.values + (b * w.bh + i) * w.bw;
     for (int64_t c = 0; c < w.bw; ++c) {
       __m256 xv[MV];
-      for (int u = 0; u < MV; ++u) xv[u] = _mm256_loadu_ps(xb + c * ldt + 8 * u);
+      for (int u = 0; u < MV; ++u) xv[u] = _mm256_load_ps(xb + c * ldt + 8 * u);
       for (int a = 0; a < NR; ++a) {
         const __m256 wv = _mm256_broadcast_ss(vb + a * w.bw + c);
         for (int u = 0; u < MV; ++u) acc[a][u] = _mm256_fmadd_ps(wv, xv[u], acc[a][u]);
@@ -113,7 +134,7 @@ PEFT_AVX2 void bsr_tile(const float* xT, int64_t ldt, const Bsr& w, int64_t r, i
     }
   }
   for (int a = 0; a < NR; ++a)
-    for (int u = 0; u < MV; ++u) _mm256_storeu_ps(yT + (r * w.bh + i + a) * ldt + 8 * u, acc[a][u]);
+    for (int u = 0; u < MV; ++u) _mm256_store_ps(yT + (r * w.bh + i + a) * ldt + 8 * u, acc[a][u]);
 }
 
 template <int NR>
@@ -150,12 +171,17 @@ PEFT_AVX2 void sp24_transposed_avx2(const float* xT, int64_t ldt, const Sp24& w,
                                     float* yT) {
   const int64_t half = w.K / 2, ib = (w.K + 7) / 8;
   int32_t cols[kColBlock / 2];
-  for (int64_t k0 = 0; k0 < w.K; k0 += kColBlock) {
-    const int64_t j0 = k0 / 2, j1 = std::min(w.K, k0 + kColBlock) / 2;
-    for (int64_t n = n0; n < n1; ++n) {
-      const uint8_t* idx = w.indices + n * ib;
-      for (int64_t j = j0; j < j1; ++j) cols[j - j0] = static_cast<int32_t>(sp24_column(idx, j));
-      entries_row(xT, ldt, cols, w.values + n * half + j0, j1 - j0, yT + n * ldt);
+  // Chunks of kRowBlock weight rows keep their yT rows in cache across the
+  // column blocks.
+  for (int64_t nb = n0; nb < n1; nb += kRowBlock) {
+    const int64_t ne = std::min(n1, nb + kRowBlock);
+    for (int64_t k0 = 0; k0 < w.K; k0 += kColBlock) {
+      const int64_t j0 = k0 / 2, j1 = std::min(w.K, k0 + kColBlock) / 2;
+      for (int64_t n = nb; n < ne; ++n) {
+        const uint8_t* idx = w.indices + n * ib;
+        for (int64_t j = j0; j < j1; ++j) cols[j - j0] = static_cast<int32_t>(sp24_column(idx, j));
+        entries_row(xT, ldt, cols, w.values + n * half + j0, j1 - j0, yT + n * ldt);
+      }
     }
   }
 }
