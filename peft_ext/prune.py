@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import List, Optional
 
 import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch import nn
 
 from .patch import _children, _matches, _output_head, _table, _is_linear
@@ -328,7 +329,7 @@ class _MaskHandle:
         self._grad_hook = param.register_hook(lambda g: g * self.mask)
         _LIVE[id(self)] = self
         if _STEP_HOOK is None:
-            _STEP_HOOK = torch.optim.optimizer.register_optimizer_step_post_hook(_after_step)
+            _STEP_HOOK = register_optimizer_step_post_hook(_after_step)
 
     def remove(self):
         global _STEP_HOOK

@@ -9,6 +9,20 @@ from .int8_linear import _is_conv1d
 
 PATTERNS = ("2:4", "block", "unstructured")
 
+# Sparsity from which our kernels beat dense fp32 (MKL) on the 2-core AVX2
+# machine, for M = 1 and M = 128 at K = N = 4096 (bench/bench_sparse.py).
+# Below it patch() keeps the pruned layer dense and says so.
+MIN_SPARSITY = {"2:4": 0.0, "block": 0.5, "unstructured": 0.8}
+
+
+def choose_kernel(pattern, sparsity):
+    """(use the sparse kernel?, a label for the report)."""
+    name = {"2:4": "2:4 kernel", "block": "BSR kernel", "unstructured": "CSR kernel"}[pattern]
+    if sparsity >= MIN_SPARSITY[pattern]:
+        return True, name
+    return False, (f"dense at::matmul ({name} slower below "
+                   f"{100 * MIN_SPARSITY[pattern]:.0f}% sparsity)")
+
 
 def _buffers_for(pattern, out_features, in_features, block, nnz, device, dtype):
     """Empty buffers of the right shapes, so load_state_dict can fill a fresh module."""
