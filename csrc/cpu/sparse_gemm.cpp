@@ -135,7 +135,7 @@ at::Tensor run(const at::Tensor& x, int64_t N, int64_t units, int64_t unit_work,
     y = yT.narrow(1, 0, M).t();
   }
   if (bias.has_value()) y = y + bias->to(at::kFloat);
-  return y.to(x.scalar_type()).reshape(shape);
+  return y.to(x.scalar_type()).contiguous().reshape(shape);
 }
 
 at::Tensor sparse24_linear_cpu(const at::Tensor& x, const at::Tensor& values, const at::Tensor& indices,
