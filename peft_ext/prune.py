@@ -187,15 +187,23 @@ def _calibrate(model, layers, batches, need_norms, need_grads, loss_fn):
             h.remove()
         for m, t in modes.items():
             m.train(t)
-    for name, s in sq.items():
-        if not s.any():
-            raise ValueError(f"{name}: received no (non-zero) input during calibration; cannot use wanda")
     norms = {name: s.sqrt().float() for name, s in sq.items()}
     return norms, grads
 
 
 def _score(mod, name, score, norms, grads):
+    """(score tensor [out, in], the score's name for the report). A layer the
+    calibration never reached (no input, or no gradient) falls back to
+    magnitude, with a warning, rather than being pruned at random."""
     w = _weight_oi(mod).detach().float()
+    signal = norms.get(name) if score == "wanda" else grads.get(name)
+    if score != "magnitude" and (signal is None or not signal.any()):
+        log.warning("%s: no calibration signal for score=%s; using magnitude", name, score)
+        return w.abs(), "magnitude (no calibration signal)"
+    return _data_score(mod, w, name, score, norms, grads), score
+
+
+def _data_score(mod, w, name, score, norms, grads):
     if score == "magnitude":
         return w.abs()
     g = grads[name].t() if _is_conv1d(mod) else grads[name]
@@ -276,7 +284,8 @@ def prune(model: nn.Module, sparsity: float = 0.5, pattern: str = "2:4", score: 
     if score != "magnitude" and layers:
         norms, grads = _calibrate(model, layers, batches, score == "wanda", score in ("gradient", "taylor"),
                                   loss_fn)
-    scores = {name: _score(mod, name, score, norms, grads) for name, mod in layers.items()}
+    scored = {name: _score(mod, name, score, norms, grads) for name, mod in layers.items()}
+    scores = {name: s for name, (s, _) in scored.items()}
     masks = {}
     if kind == "unstructured" and scope == "global" and scores:
         flat = torch.cat([(s / s.sum().clamp_min(1e-30)).flatten() for s in scores.values()])
@@ -296,7 +305,7 @@ def prune(model: nn.Module, sparsity: float = 0.5, pattern: str = "2:4", score: 
             mod.weight.mul_(w_mask.to(mod.weight.dtype))
             reached = 1 - keep.float().mean().item()
             out_f, in_f = keep.shape
-            report.layers.append(PrunedLayer(name, out_f, in_f, label, score, reached))
+            report.layers.append(PrunedLayer(name, out_f, in_f, label, scored[name][1], reached))
             if masked_training:
                 report._handles.append(_MaskHandle(mod.weight, w_mask))
     log.info("pruned %d layers to %.1f%% zeros (%s, %s)", len(layers), 100 * report.sparsity, label, score)
@@ -326,14 +335,16 @@ class _MaskHandle:
         global _STEP_HOOK
         self.param = weakref.ref(param)
         self.mask = mask.to(device=param.device, dtype=param.dtype)
-        self._grad_hook = param.register_hook(lambda g: g * self.mask)
+        # A frozen weight gets no gradient hook; the step hook still holds it.
+        self._grad_hook = param.register_hook(lambda g: g * self.mask) if param.requires_grad else None
         _LIVE[id(self)] = self
         if _STEP_HOOK is None:
             _STEP_HOOK = register_optimizer_step_post_hook(_after_step)
 
     def remove(self):
         global _STEP_HOOK
-        self._grad_hook.remove()
+        if self._grad_hook is not None:
+            self._grad_hook.remove()
         _LIVE.pop(id(self), None)
         if not _LIVE and _STEP_HOOK is not None:
             _STEP_HOOK.remove()
