@@ -1,6 +1,7 @@
 // CPU sparse-weight linear ops (2:4, CSR, BSR): argument checks, portable
 // kernels, and dispatch to the AVX2 kernels (sparse_gemm_avx2.cpp).
 #include <algorithm>
+#include <atomic>
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -105,6 +106,22 @@ void check_rows(const at::Tensor& crow, const at::Tensor& col, int64_t cols, con
   }
 }
 
+// at::parallel_for hands each thread one equal slice; when a core is shared
+// (a busy machine, a VM), the whole op then waits for the slowest thread.
+// Threads here pull small chunks from a shared counter instead, so a thread
+// that is running takes over the work of one that is not.
+template <typename F>
+void parallel_chunks(int64_t units, int64_t grain, const F& body) {
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t chunk = std::max<int64_t>(grain, units / (8 * threads));
+  const int64_t chunks = (units + chunk - 1) / chunk;
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min(threads, chunks), 1, [&](int64_t, int64_t) {
+    for (int64_t c = next.fetch_add(1); c < chunks; c = next.fetch_add(1))
+      body(c * chunk, std::min(units, (c + 1) * chunk));
+  });
+}
+
 // Runs `rows_kernel` on [M, K] rows or `transposed_kernel` on x transposed,
 // over `units` output units (rows, or block rows of `unit` rows), in parallel.
 template <typename Rows, typename Transposed>
@@ -123,7 +140,7 @@ at::Tensor run(const at::Tensor& x, int64_t N, int64_t units, int64_t unit_work,
     y = at::empty({M, N}, x2d.options());
     const float* xp = x2d.data_ptr<float>();
     float* yp = y.data_ptr<float>();
-    at::parallel_for(0, units, grain, [&](int64_t a, int64_t b) { rows_kernel(xp, K, M, a, b, yp, N); });
+    parallel_chunks(units, grain, [&](int64_t a, int64_t b) { rows_kernel(xp, K, M, a, b, yp, N); });
   } else {
     const int64_t ldt = (M + 7) / 8 * 8;
     at::Tensor xT = at::zeros({K, ldt}, x2d.options());
@@ -131,7 +148,7 @@ at::Tensor run(const at::Tensor& x, int64_t N, int64_t units, int64_t unit_work,
     at::Tensor yT = at::zeros({N, ldt}, x2d.options());
     const float* xp = xT.data_ptr<float>();
     float* yp = yT.data_ptr<float>();
-    at::parallel_for(0, units, grain, [&](int64_t a, int64_t b) { transposed_kernel(xp, ldt, a, b, yp); });
+    parallel_chunks(units, grain, [&](int64_t a, int64_t b) { transposed_kernel(xp, ldt, a, b, yp); });
     y = yT.narrow(1, 0, M).t();
   }
   if (bias.has_value()) y = y + bias->to(at::kFloat);
