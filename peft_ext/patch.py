@@ -7,7 +7,7 @@ from typing import Callable, Iterable, List, Optional, Union
 from torch import nn
 
 from .nn.int8_linear import Int8Linear, _is_conv1d
-from .nn.sparse_linear import SparseLinear
+from .nn.sparse_linear import PATTERNS as SPARSE_PATTERNS, SparseLinear, choose_kernel
 from .ops import FLOAT_DTYPES
 
 QUANTIZE_MODES = {"int8": "dynamic", "int8_weight_only": "weight_only"}
@@ -184,6 +184,9 @@ def patch(
     if quantize is not None and quantize not in QUANTIZE_MODES:
         raise ValueError(f"quantize must be one of {sorted(QUANTIZE_MODES)}, got {quantize!r}")
     mode = QUANTIZE_MODES.get(quantize)
+    if sparsity is not None and mode is None and pattern not in SPARSE_PATTERNS:
+        raise ValueError(f"pattern {pattern!r} has no sparse kernel; use one of {SPARSE_PATTERNS}, "
+                         f"or quantize='int8' to keep the pruned weights in a dense int8 layer")
     if _is_linear(model):
         raise ValueError("patch() swaps submodules; the model itself is a Linear: wrap it in a module first")
     head = _output_head(model)
@@ -219,7 +222,6 @@ def patch(
 
 def _convert(child, name, mode, pruned, pattern, block, report):
     """The replacement for one chosen layer (the layer itself when it stays dense)."""
-    from .nn.sparse_linear import choose_kernel
     from .prune import _MaskHandle
 
     before = _param_bytes(child)
@@ -227,18 +229,19 @@ def _convert(child, name, mode, pruned, pattern, block, report):
     if name in pruned:
         layer_report, mask = pruned[name]
         sparsity = layer_report.sparsity
-        use_sparse, kernel = choose_kernel(pattern, sparsity)
         if mode is not None:
             kernel = "int8 dense kernel (zeros stored and multiplied)"
-        elif not use_sparse:
-            # Masked training keeps a dense pruned layer's zeros; the handle
-            # lives as long as the weight does.
-            _MaskHandle(child.weight, mask.t() if _is_conv1d(child) else mask)
-            layer_report.path = kernel
-            out_f, in_f = mask.shape
-            report.replaced.append(Replaced(name, type(child).__name__, type(child).__name__ + "[pruned]",
-                                            in_f, out_f, before, before, sparsity, kernel))
-            return child
+        else:
+            use_sparse, kernel = choose_kernel(pattern, sparsity, child.weight.device)
+            if not use_sparse:
+                # Masked training keeps a dense pruned layer's zeros; the
+                # handle lives as long as the weight does.
+                _MaskHandle(child.weight, mask.t() if _is_conv1d(child) else mask)
+                layer_report.path = kernel
+                out_f, in_f = mask.shape
+                report.replaced.append(Replaced(name, type(child).__name__, type(child).__name__ + "[pruned]",
+                                                in_f, out_f, before, before, sparsity, kernel))
+                return child
         layer_report.path = kernel
     if mode is not None:
         new = Int8Linear.from_linear(child, mode=mode)

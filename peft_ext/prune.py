@@ -25,8 +25,9 @@ from dataclasses import dataclass, field
 from typing import List, Optional
 
 import torch
-from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
+from tqdm import tqdm
 
 from .patch import _children, _matches, _output_head, _table, _is_linear
 from .nn.int8_linear import _is_conv1d
@@ -158,7 +159,7 @@ def _calibrate(model, layers, batches, need_norms, need_grads, loss_fn):
     modes = {m: m.training for m in model.modules()}
     model.eval()
     try:
-        for i, batch in enumerate(batches):
+        for i, batch in enumerate(tqdm(batches, desc="calibrating", unit="batch", disable=len(batches) < 8)):
             try:
                 if not need_grads:
                     with torch.no_grad():

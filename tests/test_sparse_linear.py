@@ -134,3 +134,33 @@ def test_sparse_model_fine_tunes_through_the_input_gradient():
         losses.append(loss.item())
     assert losses[-1] < 0.8 * losses[0]
     assert model.layers[0].q_proj.weight.grad is not None  # reached through the sparse layers above
+
+
+def test_torch_compile_fullgraph_traces_the_sparse_ops():
+    model = nn.Sequential(SparseLinear.from_linear(pruned_linear("2:4", {}), pattern="2:4"), nn.ReLU(),
+                          SparseLinear.from_linear(pruned_linear("block", {"block": (16, 16)}, k=48, n=32),
+                                                   pattern="block"))
+    x = torch.randn(5, 64)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x), model(x))
+
+
+def test_patch_rejects_a_pattern_without_kernel_before_pruning():
+    model = toy()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="no sparse kernel"):
+        peft_ext.patch(model, sparsity=0.75, pattern="1:4")
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    report = peft_ext.patch(model, sparsity=0.75, pattern="1:4", quantize="int8_weight_only")
+    assert all(r.new_type == "Int8Linear[weight_only]" for r in report.replaced)
+
+
+def test_choose_kernel_is_honest_about_where_sparse_loses():
+    from peft_ext.nn.sparse_linear import choose_kernel
+
+    assert choose_kernel("2:4", 0.5) == (True, "2:4 kernel")
+    assert choose_kernel("block", 0.9) == (True, "BSR kernel")
+    assert choose_kernel("unstructured", 0.5)[0] is False
+    assert choose_kernel("unstructured", 0.9) == (True, "CSR kernel")
+    use, label = choose_kernel("2:4", 0.5, "meta")
+    assert not use and "CPU-only" in label

@@ -15,9 +15,11 @@ PATTERNS = ("2:4", "block", "unstructured")
 MIN_SPARSITY = {"2:4": 0.0, "block": 0.5, "unstructured": 0.8}
 
 
-def choose_kernel(pattern, sparsity):
+def choose_kernel(pattern, sparsity, device=torch.device("cpu")):
     """(use the sparse kernel?, a label for the report)."""
     name = {"2:4": "2:4 kernel", "block": "BSR kernel", "unstructured": "CSR kernel"}[pattern]
+    if torch.device(device).type != "cpu":
+        return False, f"dense ({name}s are CPU-only so far)"
     if sparsity >= MIN_SPARSITY[pattern]:
         return True, name
     return False, (f"dense at::matmul ({name} slower below "
