@@ -122,6 +122,27 @@ void parallel_chunks(int64_t units, int64_t grain, const F& body) {
   });
 }
 
+// dst[c, r] = src[r, c] (+ add[r]) for a rows x cols source with row stride
+// lds, in 32 x 32 tiles so that both sides stay in cache; dst columns from
+// `rows` up to ldd are zeroed (the padding of xT). at::copy_ of a transposed
+// view, and a zero fill of the whole buffer, cost several times more.
+void transpose_blocked(const float* src, int64_t rows, int64_t cols, int64_t lds, float* dst, int64_t ldd,
+                       const float* add) {
+  constexpr int64_t kT = 32;
+  at::parallel_for(0, (cols + kT - 1) / kT, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t cb = c0 * kT; cb < std::min(cols, c1 * kT); cb += kT) {
+      const int64_t ce = std::min(cols, cb + kT);
+      for (int64_t rb = 0; rb < rows; rb += kT) {
+        const int64_t re = std::min(rows, rb + kT);
+        for (int64_t c = cb; c < ce; ++c)
+          for (int64_t r = rb; r < re; ++r) dst[c * ldd + r] = src[r * lds + c] + (add ? add[r] : 0.0f);
+      }
+      for (int64_t c = cb; c < ce; ++c)
+        for (int64_t r = rows; r < ldd; ++r) dst[c * ldd + r] = 0.0f;
+    }
+  });
+}
+
 // Runs `rows_kernel` on [M, K] rows or `transposed_kernel` on x transposed,
 // over `units` output units (rows, or block rows of `unit` rows), in parallel.
 template <typename Rows, typename Transposed>
@@ -141,18 +162,21 @@ at::Tensor run(const at::Tensor& x, int64_t N, int64_t units, int64_t unit_work,
     const float* xp = x2d.data_ptr<float>();
     float* yp = y.data_ptr<float>();
     parallel_chunks(units, grain, [&](int64_t a, int64_t b) { rows_kernel(xp, K, M, a, b, yp, N); });
+    if (bias.has_value()) y.add_(bias->to(at::kFloat));
   } else {
     const int64_t ldt = (M + 7) / 8 * 8;
-    at::Tensor xT = at::zeros({K, ldt}, x2d.options());
-    xT.narrow(1, 0, M).copy_(x2d.t());
+    at::Tensor xT = at::empty({K, ldt}, x2d.options());
+    transpose_blocked(x2d.data_ptr<float>(), M, K, K, xT.data_ptr<float>(), ldt, nullptr);
     at::Tensor yT = at::zeros({N, ldt}, x2d.options());
     const float* xp = xT.data_ptr<float>();
     float* yp = yT.data_ptr<float>();
     parallel_chunks(units, grain, [&](int64_t a, int64_t b) { transposed_kernel(xp, ldt, a, b, yp); });
-    y = yT.narrow(1, 0, M).t();
+    y = at::empty({M, N}, x2d.options());
+    const at::Tensor b = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
+    transpose_blocked(yT.data_ptr<float>(), N, M, ldt, y.data_ptr<float>(), N,
+                      b.defined() ? b.data_ptr<float>() : nullptr);
   }
-  if (bias.has_value()) y = y + bias->to(at::kFloat);
-  return y.to(x.scalar_type()).contiguous().reshape(shape);
+  return y.to(x.scalar_type()).reshape(shape);
 }
 
 at::Tensor sparse24_linear_cpu(const at::Tensor& x, const at::Tensor& values, const at::Tensor& indices,

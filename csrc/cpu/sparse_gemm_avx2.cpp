@@ -116,25 +116,36 @@ PEFT_AVX2 void entries_row(const float* xT, int64_t ldt, const int32_t* cols, co
 constexpr int64_t kColBlock = 32;
 constexpr int64_t kRowBlock = 32;
 
+// Rows [i, i + NR) of block b against one column tile of xT, added into
+// yT. The block's xT slice (bw x 8 * MV floats) stays in L1 while every row
+// pair of the block passes over it.
 template <int NR, int MV>
-PEFT_AVX2 void bsr_tile(const float* xT, int64_t ldt, const Bsr& w, int64_t r, int64_t i, float* yT) {
+PEFT_AVX2 void bsr_tile(const float* xT, int64_t ldt, const Bsr& w, int64_t r, int64_t b, int64_t i,
+                        float* yT) {
+  const float* xb = xT + static_cast<int64_t>(w.col[b]) * w.bw * ldt;
+  const float* vb = w.values + (b * w.bh + i) * w.bw;
   __m256 acc[NR][MV];
+#pragma GCC unroll 8
   for (int a = 0; a < NR; ++a)
+#pragma GCC unroll 8
     for (int u = 0; u < MV; ++u) acc[a][u] = _mm256_setzero_ps();
-  for (int64_t b = w.crow[r]; b < w.crow[r + 1]; ++b) {
-    const float* xb = xT + static_cast<int64_t>(w.col[b]) * w.bw * ldt;
-    const float* vb = w.values + (b * w.bh + i) * w.bw;
-    for (int64_t c = 0; c < w.bw; ++c) {
-      __m256 xv[MV];
-      for (int u = 0; u < MV; ++u) xv[u] = _mm256_load_ps(xb + c * ldt + 8 * u);
-      for (int a = 0; a < NR; ++a) {
-        const __m256 wv = _mm256_broadcast_ss(vb + a * w.bw + c);
-        for (int u = 0; u < MV; ++u) acc[a][u] = _mm256_fmadd_ps(wv, xv[u], acc[a][u]);
-      }
+  for (int64_t c = 0; c < w.bw; ++c) {
+    __m256 xv[MV];
+#pragma GCC unroll 8
+    for (int u = 0; u < MV; ++u) xv[u] = _mm256_load_ps(xb + c * ldt + 8 * u);
+#pragma GCC unroll 8
+    for (int a = 0; a < NR; ++a) {
+      const __m256 wv = _mm256_broadcast_ss(vb + a * w.bw + c);
+#pragma GCC unroll 8
+      for (int u = 0; u < MV; ++u) acc[a][u] = _mm256_fmadd_ps(wv, xv[u], acc[a][u]);
     }
   }
-  for (int a = 0; a < NR; ++a)
-    for (int u = 0; u < MV; ++u) _mm256_store_ps(yT + (r * w.bh + i + a) * ldt + 8 * u, acc[a][u]);
+#pragma GCC unroll 8
+  for (int a = 0; a < NR; ++a) {
+    float* y = yT + (r * w.bh + i + a) * ldt;
+#pragma GCC unroll 8
+    for (int u = 0; u < MV; ++u) _mm256_store_ps(y + 8 * u, _mm256_add_ps(acc[a][u], _mm256_load_ps(y + 8 * u)));
+  }
 }
 
 template <int NR>
@@ -209,20 +220,22 @@ PEFT_AVX2 void bsr_transposed_avx2(const float* xT, int64_t ldt, const Bsr& w, i
   for (int64_t r = r0; r < r1; ++r) {
     for (int64_t m = 0; m < ldt; m += kTile) {
       const int64_t mv = std::min<int64_t>(kTile, ldt - m) / 8;
-      for (int64_t i = 0; i < w.bh; i += 2) {
-        const bool pair = i + 1 < w.bh;
-#define PEFT_BSR_TILE(MV)                                 \
-  if (pair)                                                \
-    bsr_tile<2, MV>(xT + m, ldt, w, r, i, yT + m);         \
-  else                                                     \
-    bsr_tile<1, MV>(xT + m, ldt, w, r, i, yT + m);
-        switch (mv) {
-          case 4: PEFT_BSR_TILE(4) break;
-          case 3: PEFT_BSR_TILE(3) break;
-          case 2: PEFT_BSR_TILE(2) break;
-          default: PEFT_BSR_TILE(1) break;
-        }
+      for (int64_t b = w.crow[r]; b < w.crow[r + 1]; ++b) {
+        for (int64_t i = 0; i < w.bh; i += 2) {
+          const bool pair = i + 1 < w.bh;
+#define PEFT_BSR_TILE(MV)                                  \
+  if (pair)                                                 \
+    bsr_tile<2, MV>(xT + m, ldt, w, r, b, i, yT + m);       \
+  else                                                      \
+    bsr_tile<1, MV>(xT + m, ldt, w, r, b, i, yT + m);
+          switch (mv) {
+            case 4: PEFT_BSR_TILE(4) break;
+            case 3: PEFT_BSR_TILE(3) break;
+            case 2: PEFT_BSR_TILE(2) break;
+            default: PEFT_BSR_TILE(1) break;
+          }
 #undef PEFT_BSR_TILE
+        }
       }
     }
   }
