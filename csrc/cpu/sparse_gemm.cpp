@@ -146,6 +146,22 @@ void transpose_blocked(const float* src, int64_t rows, int64_t cols, int64_t lds
   });
 }
 
+// Scratch for xT and yT, kept per calling thread: a fresh multi-MiB buffer
+// costs a page fault per 4 KiB on every call (~1 ms per 2 MiB here, as much
+// as the kernel at high sparsity). Buffers above kMaxCachedScratch bytes are
+// not kept.
+constexpr int64_t kMaxCachedScratch = int64_t{32} << 20;
+
+float* scratch(int slot, int64_t floats, const at::TensorOptions& opts, at::Tensor& fresh) {
+  static thread_local at::Tensor cache[2];
+  if (floats * 4 > kMaxCachedScratch) {
+    fresh = at::empty({floats}, opts);
+    return fresh.data_ptr<float>();
+  }
+  if (!cache[slot].defined() || cache[slot].numel() < floats) cache[slot] = at::empty({floats}, opts);
+  return cache[slot].data_ptr<float>();
+}
+
 // Runs `rows_kernel` on [M, K] rows or `transposed_kernel` on x transposed,
 // over `units` output units (rows, or block rows of `unit` rows), in parallel.
 template <typename Rows, typename Transposed>
@@ -168,15 +184,15 @@ at::Tensor run(const at::Tensor& x, int64_t N, int64_t units, int64_t unit_work,
     if (bias.has_value()) y.add_(bias->to(at::kFloat));
   } else {
     const int64_t ldt = (M + 7) / 8 * 8;
-    at::Tensor xT = at::empty({K, ldt}, x2d.options());
-    transpose_blocked(x2d.data_ptr<float>(), M, K, K, xT.data_ptr<float>(), ldt, nullptr);
-    at::Tensor yT = at::zeros({N, ldt}, x2d.options());
-    const float* xp = xT.data_ptr<float>();
-    float* yp = yT.data_ptr<float>();
-    parallel_chunks(units, grain, [&](int64_t a, int64_t b) { transposed_kernel(xp, ldt, a, b, yp); });
+    at::Tensor xT_fresh, yT_fresh;
+    float* xT = scratch(0, K * ldt, x2d.options(), xT_fresh);
+    float* yT = scratch(1, N * ldt, x2d.options(), yT_fresh);
+    transpose_blocked(x2d.data_ptr<float>(), M, K, K, xT, ldt, nullptr);
+    std::fill(yT, yT + N * ldt, 0.0f);
+    parallel_chunks(units, grain, [&](int64_t a, int64_t b) { transposed_kernel(xT, ldt, a, b, yT); });
     y = at::empty({M, N}, x2d.options());
     const at::Tensor b = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
-    transpose_blocked(yT.data_ptr<float>(), N, M, ldt, y.data_ptr<float>(), N,
+    transpose_blocked(yT, N, M, ldt, y.data_ptr<float>(), N,
                       b.defined() ? b.data_ptr<float>() : nullptr);
   }
   return y.to(x.scalar_type()).reshape(shape);
