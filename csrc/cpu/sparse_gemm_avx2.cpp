@@ -64,6 +64,40 @@ PEFT_AVX2 void sp24_row(const float* x, int64_t ldx, const float* v, const uint8
 }
 
 // xT and yT rows are 32-byte aligned (torch allocations, ldt a multiple of 8).
+// NR weight rows against one activation row (M < 4). Several rows at once
+// keep several weight streams in flight, which a lone stream does not: at
+// M = 1 the kernel is bound by how fast the kept values arrive.
+template <int NR>
+PEFT_AVX2 void sp24_rows_x1(const float* x, const float* v, int64_t half, const uint8_t* idx, int64_t ib,
+                            int64_t K, float* out) {
+  const __m256i shifts = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
+  const __m256i base = _mm256_setr_epi32(0, 0, 4, 4, 0, 0, 4, 4);
+  const __m256i three = _mm256_set1_epi32(3);
+  __m256 acc[NR];
+#pragma GCC unroll 8
+  for (int r = 0; r < NR; ++r) acc[r] = _mm256_setzero_ps();
+  const int64_t steps = K / 16;
+  for (int64_t t = 0; t < steps; ++t) {
+    const __m256 lo = _mm256_loadu_ps(x + 16 * t);
+    const __m256 hi = _mm256_loadu_ps(x + 16 * t + 8);
+#pragma GCC unroll 8
+    for (int r = 0; r < NR; ++r) {
+      uint16_t bits;
+      std::memcpy(&bits, idx + r * ib + 2 * t, 2);
+      const __m256i pos = _mm256_add_epi32(
+          _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(bits), shifts), three), base);
+      const __m256 g = _mm256_blend_ps(_mm256_permutevar8x32_ps(lo, pos), _mm256_permutevar8x32_ps(hi, pos), 0xF0);
+      acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(v + r * half + 8 * t), g, acc[r]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < NR; ++r) {
+    float s = hsum_ps(acc[r]);
+    for (int64_t j = 8 * steps; j < half; ++j) s += v[r * half + j] * x[sp24_column(idx + r * ib, j)];
+    out[r] = s;
+  }
+}
+
 // yT[0 .. 8 * MV) += sum_j vals[j] * xT[cols[j] * ldt + (0 .. 8 * MV)]: each
 // stored weight is broadcast once and multiplies MV vectors of activations.
 template <int MV>
@@ -168,6 +202,16 @@ PEFT_AVX2 void bsr_rows_tile(const float* x, const Bsr& w, int64_t r, int64_t i,
 PEFT_AVX2 void sp24_rows_avx2(const float* x, int64_t ldx, int64_t M, const Sp24& w, int64_t n0,
                               int64_t n1, float* y, int64_t ldy) {
   const int64_t half = w.K / 2, ib = (w.K + 7) / 8;
+  if (M < 4) {
+    for (int64_t m = 0; m < M; ++m) {
+      int64_t n = n0;
+      for (; n + 4 <= n1; n += 4)
+        sp24_rows_x1<4>(x + m * ldx, w.values + n * half, half, w.indices + n * ib, ib, w.K, y + m * ldy + n);
+      for (; n < n1; ++n)
+        sp24_rows_x1<1>(x + m * ldx, w.values + n * half, half, w.indices + n * ib, ib, w.K, y + m * ldy + n);
+    }
+    return;
+  }
   for (int64_t n = n0; n < n1; ++n) {
     const float* v = w.values + n * half;
     const uint8_t* idx = w.indices + n * ib;
