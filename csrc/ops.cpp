@@ -50,6 +50,20 @@ TORCH_LIBRARY(peft_ext, m) {
   // a fixed ring of slots filled by a C++ worker thread (and, on CUDA, a side
   // stream); methods put, finish, next, stop, stats and the static pin().
   prefetch::register_prefetch_ring(m);
+
+  // sparse: y = x @ W^T + bias with W stored compressed (layouts in
+  // csrc/cpu/sparse_kernels.h). 2:4 keeps two of every four weights of a row:
+  // values [N, K/2] and 2-bit positions packed four per byte, [N, ceil(K/8)].
+  m.def("sparse24_linear(Tensor x, Tensor values, Tensor indices, Tensor? bias) -> Tensor");
+  // Unstructured, CSR: crow int64 [N + 1], col int32 [nnz], values [nnz].
+  m.def(
+      "csr_linear(Tensor x, Tensor crow, Tensor col, Tensor values, int in_features, Tensor? bias) -> "
+      "Tensor");
+  // Block sparse, BSR: crow int64 [N / bh + 1], col int32 [nnz_blocks] (block
+  // column), values [nnz_blocks, bh, bw].
+  m.def(
+      "bsr_linear(Tensor x, Tensor crow, Tensor col, Tensor values, int in_features, Tensor? bias) -> "
+      "Tensor");
 }
 
 }  // namespace peft_ext

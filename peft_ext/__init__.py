@@ -1,15 +1,18 @@
-"""peft_ext: int8 drop-in Linear layers backed by C++/CUDA kernels.
+"""peft_ext: int8 and sparse drop-in Linear layers backed by C++/CUDA kernels.
 
     report = peft_ext.patch(model)      # int8 W8A8 on every Linear but the head
+    peft_ext.prune(model, 0.5, "2:4")   # prune in place (masks kept in training)
     print(report)
     peft_ext.unpatch(model)             # plain nn.Linear back
 """
 from . import ops
-from .nn import Int8Linear
+from .nn import Int8Linear, SparseLinear
 from .patch import PatchReport, patch, unpatch
 from .prefetch import Prefetcher
 from .offload import offload
+from .prune import PruneReport, prune
 
 __version__ = "0.1.0"
 
-__all__ = ["Int8Linear", "PatchReport", "Prefetcher", "offload", "ops", "patch", "unpatch", "__version__"]
+__all__ = ["Int8Linear", "PatchReport", "Prefetcher", "PruneReport", "SparseLinear", "offload", "ops",
+           "patch", "prune", "unpatch", "__version__"]

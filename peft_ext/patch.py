@@ -7,10 +7,11 @@ from typing import Callable, Iterable, List, Optional, Union
 from torch import nn
 
 from .nn.int8_linear import Int8Linear, _is_conv1d
+from .nn.sparse_linear import PATTERNS as SPARSE_PATTERNS, SparseLinear, choose_kernel
 from .ops import FLOAT_DTYPES
 
 QUANTIZE_MODES = {"int8": "dynamic", "int8_weight_only": "weight_only"}
-PATCHED_TYPES = (Int8Linear,)
+PATCHED_TYPES = (Int8Linear, SparseLinear)
 # int32 sums of int8 products stay exact up to this many input features.
 MAX_DYNAMIC_IN_FEATURES = 133144
 
@@ -24,6 +25,8 @@ class Replaced:
     out_features: int
     bytes_before: int
     bytes_after: int
+    sparsity: Optional[float] = None  # set when patch() pruned the layer
+    kernel: str = ""  # which kernel runs a pruned layer, and why
 
 
 @dataclass
@@ -47,6 +50,7 @@ class PatchReport:
 
     replaced: List[Replaced] = field(default_factory=list)
     skipped: List[Skipped] = field(default_factory=list)
+    pruned: Optional[object] = None  # the PruneReport when patch() pruned
 
     @property
     def bytes_before(self) -> int:
@@ -60,9 +64,12 @@ class PatchReport:
         return len(self.replaced)
 
     def __str__(self):
-        rows = [("module", "from", "to", "shape (out x in)", "bytes before", "bytes after")]
+        sparse = any(r.sparsity is not None for r in self.replaced)
+        extra = ("sparsity", "kernel") if sparse else ()
+        rows = [("module", "from", "to", "shape (out x in)", "bytes before", "bytes after") + extra]
         rows += [(r.name, r.old_type, r.new_type, f"{r.out_features} x {r.in_features}",
-                  _human(r.bytes_before), _human(r.bytes_after)) for r in self.replaced]
+                  _human(r.bytes_before), _human(r.bytes_after)) +
+                 ((f"{100 * (r.sparsity or 0):.1f}%", r.kernel) if sparse else ()) for r in self.replaced]
         lines = _table(rows)
         if self.skipped:
             lines.append("")
@@ -144,56 +151,115 @@ def _skip_reason(name, module, mode, target_modules, exclude_modules, filter_fn,
 
 def patch(
     model: nn.Module,
-    quantize: str = "int8",
+    quantize: Optional[str] = None,
     target_modules: Optional[Union[str, Iterable[str]]] = None,
     exclude_modules: Optional[Union[str, Iterable[str]]] = ("lm_head",),
     filter_fn: Optional[Callable[[str, nn.Module], bool]] = None,
     min_params: int = 1024,
+    sparsity: Optional[float] = None,
+    pattern: str = "2:4",
+    score: str = "magnitude",
+    calib_data=None,
+    block=(16, 16),
     offload: Optional[dict] = None,
 ) -> PatchReport:
     """Replace matching nn.Linear (and transformers Conv1D) modules in place.
 
     quantize: "int8" (W8A8, activations quantized per token) or
-        "int8_weight_only" (activations stay float).
+        "int8_weight_only" (activations stay float). None means "int8" when
+        sparsity is None, and no quantization when pruning.
     target_modules / exclude_modules: HF peft rules (exact name or dotted
         suffix; a string is a regex that must match the whole name).
     filter_fn(name, module) -> bool: a last say on each candidate.
     min_params: layers with fewer weights are left alone (too small to gain).
+    sparsity, pattern, score, calib_data, block: prune the chosen layers first
+        (see peft_ext.prune) and swap in SparseLinear where its kernel beats
+        dense for the pattern and sparsity; other pruned layers stay dense
+        (masked during later training) and the report says so. With quantize
+        too, pruned weights are quantized to Int8Linear (dense int8 kernel:
+        the zeros are stored and multiplied).
     The model's output head (get_output_embeddings(), or "lm_head") is kept.
     offload: keyword arguments of peft_ext.offload(), run after the swap (int8
         layers then stream half the bytes); the Offloader is `report.offload`.
     """
-    if quantize not in QUANTIZE_MODES:
+    if quantize is None and sparsity is None:
+        quantize = "int8"
+    if quantize is not None and quantize not in QUANTIZE_MODES:
         raise ValueError(f"quantize must be one of {sorted(QUANTIZE_MODES)}, got {quantize!r}")
-    mode = QUANTIZE_MODES[quantize]
+    mode = QUANTIZE_MODES.get(quantize)
+    if sparsity is not None and mode is None and pattern not in SPARSE_PATTERNS:
+        raise ValueError(f"pattern {pattern!r} has no sparse kernel; use one of {SPARSE_PATTERNS}, "
+                         f"or quantize='int8' to keep the pruned weights in a dense int8 layer")
     if _is_linear(model):
         raise ValueError("patch() swaps submodules; the model itself is a Linear: wrap it in a module first")
     head = _output_head(model)
     report = PatchReport()
+    chosen = {}
+    for parent, attr, name, child in list(_children(model)):
+        if not _is_linear(child) or id(child) in chosen:
+            continue
+        reason = _skip_reason(name, child, mode, target_modules, exclude_modules, filter_fn,
+                              min_params, head)
+        if reason is not None:
+            report.skipped.append(Skipped(name, type(child).__name__, reason))
+            chosen[id(child)] = None
+        else:
+            chosen[id(child)] = name
+    pruned = {}
+    if sparsity is not None:
+        from .prune import prune
+
+        names = [n for n in chosen.values() if n is not None]
+        report.pruned = prune(model, sparsity=sparsity, pattern=pattern, score=score, calib_data=calib_data,
+                              target_modules=names, exclude_modules=None, block=block, masked_training=False)
+        pruned = {r.name: (r, report.pruned.masks[r.name]) for r in report.pruned.layers}
     decided = {}
     for parent, attr, name, child in list(_children(model)):
-        if not _is_linear(child):
+        if not _is_linear(child) or chosen.get(id(child)) is None:
             continue
         if id(child) not in decided:
-            reason = _skip_reason(name, child, mode, target_modules, exclude_modules, filter_fn,
-                                  min_params, head)
-            if reason is not None:
-                report.skipped.append(Skipped(name, type(child).__name__, reason))
-                decided[id(child)] = None
-            else:
-                new = Int8Linear.from_linear(child, mode=mode)
-                new.train(child.training)
-                report.replaced.append(Replaced(name, type(child).__name__, f"Int8Linear[{mode}]",
-                                                new.in_features, new.out_features,
-                                                _param_bytes(child), _param_bytes(new)))
-                decided[id(child)] = new
-        if decided[id(child)] is not None:
-            setattr(parent, attr, decided[id(child)])
+            decided[id(child)] = _convert(child, chosen[id(child)], mode, pruned, pattern, block, report)
+        setattr(parent, attr, decided[id(child)])
     if offload is not None:
         from .offload import offload as offload_model
 
         report.offload = offload_model(model, **offload)
     return report
+
+
+def _convert(child, name, mode, pruned, pattern, block, report):
+    """The replacement for one chosen layer (the layer itself when it stays dense)."""
+    from .prune import _MaskHandle
+
+    before = _param_bytes(child)
+    sparsity, kernel = None, ""
+    if name in pruned:
+        layer_report, mask = pruned[name]
+        sparsity = layer_report.sparsity
+        if mode is not None:
+            kernel = "int8 dense kernel (zeros stored and multiplied)"
+        else:
+            use_sparse, kernel = choose_kernel(pattern, sparsity, child.weight.device)
+            if not use_sparse:
+                # Masked training keeps a dense pruned layer's zeros; the
+                # handle lives as long as the weight does.
+                _MaskHandle(child.weight, mask.t() if _is_conv1d(child) else mask)
+                layer_report.path = kernel
+                out_f, in_f = mask.shape
+                report.replaced.append(Replaced(name, type(child).__name__, type(child).__name__ + "[pruned]",
+                                                in_f, out_f, before, before, sparsity, kernel))
+                return child
+        layer_report.path = kernel
+    if mode is not None:
+        new = Int8Linear.from_linear(child, mode=mode)
+        label = f"Int8Linear[{mode}]"
+    else:
+        new = SparseLinear.from_linear(child, pattern=pattern, mask=mask, block=block)
+        label = f"SparseLinear[{pattern}]"
+    new.train(child.training)
+    report.replaced.append(Replaced(name, type(child).__name__, label, new.in_features, new.out_features,
+                                    before, _param_bytes(new), sparsity, kernel))
+    return new
 
 
 def unpatch(model: nn.Module) -> PatchReport:

@@ -1,0 +1,181 @@
+"""SparseLinear: a drop-in replacement for nn.Linear with a pruned weight
+stored compressed and multiplied by kernels that skip the zeros."""
+import torch
+from torch import nn
+
+from .. import reference as ref
+from .. import sparse_ops
+from .int8_linear import _is_conv1d
+
+PATTERNS = ("2:4", "block", "unstructured")
+
+# Sparsity from which our kernels beat dense fp32 (MKL) at every M measured
+# (1, 16, 128; K = N = 4096, 2 threads, AVX2 Zen 3). Unstructured at 80%:
+# 0.83x dense at M = 1, 1.73x at M = 128; at 90%: 1.9x and 2.7x. Block 16x16
+# at 40%: 1.76x / 1.30x. Below it patch() keeps the pruned layer dense and
+# says so.
+MIN_SPARSITY = {"2:4": 0.0, "block": 0.4, "unstructured": 0.9}
+
+
+def choose_kernel(pattern, sparsity, device=torch.device("cpu")):
+    """(use the sparse kernel?, a label for the report)."""
+    name = {"2:4": "2:4 kernel", "block": "BSR kernel", "unstructured": "CSR kernel"}[pattern]
+    if torch.device(device).type != "cpu":
+        return False, f"dense ({name}s are CPU-only so far)"
+    if sparsity >= MIN_SPARSITY[pattern] - 1e-3:  # 90% of an odd count rounds a hair under
+        return True, name
+    return False, (f"dense at::matmul ({name} slower below "
+                   f"{100 * MIN_SPARSITY[pattern]:.0f}% sparsity)")
+
+
+def _buffers_for(pattern, out_features, in_features, block, nnz, device, dtype):
+    """Empty buffers of the right shapes, so load_state_dict can fill a fresh module."""
+    z = dict(device=device)
+    if pattern == "2:4":
+        return {"values": torch.zeros(out_features, in_features // 2, dtype=dtype, **z),
+                "indices": torch.zeros(out_features, (in_features + 7) // 8, dtype=torch.uint8, **z)}
+    rows = out_features // block[0] if pattern == "block" else out_features
+    shape = (nnz, *block) if pattern == "block" else (nnz,)
+    return {"crow": torch.zeros(rows + 1, dtype=torch.int64, **z),
+            "col": torch.zeros(nnz, dtype=torch.int32, **z),
+            "values": torch.zeros(shape, dtype=dtype, **z)}
+
+
+class SparseLinear(nn.Module):
+    """y = x @ W^T + b with W pruned and stored compressed.
+
+    pattern="2:4": buffers `values` [out, in/2] and `indices` uint8 [out,
+        ceil(in/8)] (2-bit positions, four per byte); in_features % 4 == 0.
+    pattern="block": BSR, `crow` [out/bh + 1], `col` int32 [nnz_blocks],
+        `values` [nnz_blocks, bh, bw]; block (bh, bw) must tile the weight.
+    pattern="unstructured": CSR, `crow` [out + 1], `col` int32 [nnz], `values` [nnz].
+
+    Not an nn.Linear subclass (tools that write `linear.weight.data` must not
+    see a dense weight that is not there). Gradients reach the input and the
+    bias; the stored values are frozen unless `train_values=True`, in which
+    case `values` is a Parameter and only the kept weights learn (the zeros
+    stay zeros by construction).
+    """
+
+    def __init__(self, in_features, out_features, bias=True, pattern="2:4", block=(16, 16), nnz=0,
+                 train_values=False, device=None, dtype=None):
+        super().__init__()
+        if pattern not in PATTERNS:
+            raise ValueError(f"pattern must be one of {PATTERNS}, got {pattern!r}")
+        if pattern == "2:4" and in_features % 4:
+            raise ValueError(f"pattern '2:4' needs in_features to be a multiple of 4, got {in_features}")
+        if pattern == "block" and (out_features % block[0] or in_features % block[1]):
+            raise ValueError(f"block {tuple(block)} does not tile the weight {out_features}x{in_features}")
+        self.in_features, self.out_features = in_features, out_features
+        self.pattern, self.block = pattern, tuple(block)
+        self.train_values = train_values
+        self._source = "linear"
+        dtype = dtype or torch.float32
+        for name, t in _buffers_for(pattern, out_features, in_features, self.block, nnz, device, dtype).items():
+            if name == "values" and train_values:
+                self.values = nn.Parameter(t)
+            else:
+                self.register_buffer(name, t)
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype))
+        else:
+            self.register_parameter("bias", None)
+
+    @classmethod
+    def from_linear(cls, linear, pattern="2:4", mask=None, block=(16, 16), train_values=False):
+        """Compress an nn.Linear (or transformers Conv1D). mask (bool [out, in],
+        True = kept) defaults to the weight's non-zeros; for "2:4" it must keep
+        at most two of every four weights of a row (prune first: peft_ext.prune)."""
+        conv1d = _is_conv1d(linear)
+        w = (linear.weight.t() if conv1d else linear.weight).detach()
+        out_f, in_f = w.shape
+        mask = (w != 0) if mask is None else mask.to(device=w.device, dtype=torch.bool)
+        if mask.shape != w.shape:
+            raise ValueError(f"mask must have shape {tuple(w.shape)} ([out, in]), got {tuple(mask.shape)}")
+        if pattern == "2:4" and in_f % 4 == 0 and (mask.reshape(out_f, -1, 4).sum(2) > 2).any():
+            raise ValueError("pattern '2:4': the weight (or mask) keeps more than two of four weights in "
+                             "some group; prune it first (peft_ext.prune(model, pattern='2:4'))")
+        if pattern == "block" and len(block) != 2:
+            raise ValueError(f"block must be (rows, cols), got {block!r}")
+        nnz = 0
+        if pattern == "unstructured":
+            nnz = int(mask.sum())
+        elif pattern == "block" and out_f % block[0] == 0 and in_f % block[1] == 0:
+            nnz = int(mask.reshape(out_f // block[0], block[0], in_f // block[1], block[1]).any(3).any(1).sum())
+        module = cls(in_f, out_f, bias=linear.bias is not None, pattern=pattern, block=block, nnz=nnz,
+                     train_values=train_values, device=w.device, dtype=w.dtype)
+        if pattern == "2:4":
+            parts = ref.compress_24(w, mask)
+            names = ("values", "indices")
+        elif pattern == "block":
+            parts = ref.compress_bsr(w, mask, module.block)
+            names = ("crow", "col", "values")
+        else:
+            parts = ref.compress_csr(w, mask)
+            names = ("crow", "col", "values")
+        with torch.no_grad():
+            for name, t in zip(names, parts):
+                getattr(module, name).copy_(t)
+            if linear.bias is not None:
+                module.bias.copy_(linear.bias.detach())
+                module.bias.requires_grad_(linear.bias.requires_grad)
+        module._source = "conv1d" if conv1d else "linear"
+        return module
+
+    @property
+    def nnz(self) -> int:
+        return self.values.numel()
+
+    @property
+    def sparsity(self) -> float:
+        """Fraction of the weight not stored (stored zeros count as stored)."""
+        return 1 - self.nnz / (self.in_features * self.out_features)
+
+    def dense_weight(self):
+        v = self.values.detach()
+        if self.pattern == "2:4":
+            return ref.decompress_24(v, self.indices)
+        if self.pattern == "block":
+            return ref.decompress_bsr(self.crow, self.col, v, self.in_features)
+        return ref.decompress_csr(self.crow, self.col, v, self.in_features)
+
+    def to_linear(self):
+        """An nn.Linear (or the original Conv1D) with the densified weight."""
+        weight = self.dense_weight()
+        if self._source == "conv1d":
+            from transformers.pytorch_utils import Conv1D
+
+            layer = Conv1D(self.out_features, self.in_features).to(device=weight.device, dtype=weight.dtype)
+            layer.weight.data.copy_(weight.t())
+        else:
+            layer = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                              device=weight.device, dtype=weight.dtype)
+            layer.weight.data.copy_(weight)
+        if self.bias is not None:
+            layer.bias.data.copy_(self.bias.detach())
+        return layer
+
+    def forward(self, x):
+        if self.pattern == "2:4":
+            return sparse_ops.sparse24_linear(x, self.values, self.indices, self.bias)
+        if self.pattern == "block":
+            return sparse_ops.bsr_linear(x, self.crow, self.col, self.values, self.in_features, self.bias)
+        return sparse_ops.csr_linear(x, self.crow, self.col, self.values, self.in_features, self.bias)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # The number of stored values is data: resize the buffers to what is loaded.
+        for name in ("crow", "col", "values"):
+            t = state_dict.get(prefix + name)
+            own = getattr(self, name, None)
+            if t is not None and own is not None and t.shape != own.shape:
+                new = torch.empty(t.shape, dtype=own.dtype, device=own.device)
+                if isinstance(own, nn.Parameter):
+                    self.values = nn.Parameter(new, requires_grad=own.requires_grad)
+                else:
+                    setattr(self, name, new)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def extra_repr(self):
+        shape = f", block={self.block}" if self.pattern == "block" else ""
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, pattern={self.pattern}{shape}, sparsity={self.sparsity:.3f}")

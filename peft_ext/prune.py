@@ -1,0 +1,352 @@
+"""prune(model): importance scores, N:M / block / unstructured masks, and
+masked fine-tuning (pruned weights stay zero under any torch optimizer).
+
+Scores, per weight w[n, k] of a Linear y = x @ W^T:
+  magnitude  |w|
+  gradient   |g| / sum |g|, g = dL/dW summed over the calibration batches
+  taylor     |w * g|       (first-order Taylor estimate of the loss change)
+  wanda      |w| * ||x_k|| with ||x_k|| the L2 norm of input feature k over
+             every calibration token (collected by forward pre-hooks)
+The loss L for gradient/taylor: loss_fn(output, batch) when given; else the
+model output's `.loss` when it has one (transformers models called with
+labels); else the mean squared output, i.e. the scores then measure how much
+each weight moves the output's energy (a label-free proxy).
+
+Groups compared: N:M ("2:4") keeps the N largest of every M consecutive
+weights of an output row; "unstructured" prunes the lowest scores per layer
+(scope="layer"), per output row (scope="row") or across all layers
+(scope="global", scores normalised by each layer's sum); "block" scores each
+block (bh x bw, default 16 x 16, over [out, in]) by its summed score and drops
+the lowest blocks per layer.
+"""
+import logging
+import weakref
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+import torch
+from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
+from tqdm import tqdm
+
+from .patch import _children, _matches, _output_head, _table, _is_linear
+from .nn.int8_linear import _is_conv1d
+
+log = logging.getLogger(__name__)
+
+SCORES = ("magnitude", "gradient", "taylor", "wanda")
+SCOPES = ("layer", "row", "global")
+
+
+@dataclass
+class PrunedLayer:
+    name: str
+    out_features: int
+    in_features: int
+    pattern: str
+    score: str
+    sparsity: float  # fraction of zeros reached
+    path: str = ""  # filled by patch(): which kernel runs this layer
+
+
+@dataclass
+class PruneReport:
+    """What prune() did. `print(report)` shows a table; `remove_masks()` stops
+    the masked fine-tuning hooks (the zeros stay in the weights)."""
+
+    layers: List[PrunedLayer] = field(default_factory=list)
+    masks: dict = field(default_factory=dict, repr=False)  # name -> bool mask [out, in]
+    _handles: list = field(default_factory=list, repr=False)
+
+    def __len__(self):
+        return len(self.layers)
+
+    @property
+    def sparsity(self) -> float:
+        total = sum(r.out_features * r.in_features for r in self.layers)
+        zeros = sum(r.sparsity * r.out_features * r.in_features for r in self.layers)
+        return zeros / total if total else 0.0
+
+    def remove_masks(self):
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def __str__(self):
+        rows = [("module", "shape (out x in)", "pattern", "score", "sparsity") +
+                (("kernel",) if any(r.path for r in self.layers) else ())]
+        for r in self.layers:
+            rows.append((r.name, f"{r.out_features} x {r.in_features}", r.pattern, r.score,
+                         f"{100 * r.sparsity:.1f}%") + ((r.path,) if len(rows[0]) == 6 else ()))
+        lines = _table(rows)
+        lines.append(f"pruned {len(self.layers)} layer(s) to {100 * self.sparsity:.1f}% zeros overall")
+        return "\n".join(lines)
+
+
+def parse_pattern(pattern: str):
+    """"2:4" -> ("nm", 2, 4); "block" / "unstructured" -> (pattern, None, None)."""
+    if pattern in ("block", "unstructured"):
+        return pattern, None, None
+    if isinstance(pattern, str) and ":" in pattern:
+        n, m = pattern.split(":", 1)
+        if n.isdigit() and m.isdigit() and 0 < int(n) < int(m):
+            return "nm", int(n), int(m)
+    raise ValueError(f"pattern must be 'N:M' (e.g. '2:4'), 'block' or 'unstructured', got {pattern!r}")
+
+
+def _weight_oi(module):
+    """The weight as [out, in] (Conv1D stores [in, out])."""
+    return module.weight.t() if _is_conv1d(module) else module.weight
+
+
+def _check_layer(name, w, kind, n, m, block, sparsity):
+    out_f, in_f = w.shape
+    if not w.is_floating_point():
+        raise ValueError(f"{name}: weight dtype {w.dtype} cannot be pruned")
+    if kind == "nm":
+        if in_f % m:
+            raise ValueError(f"{name}: pattern '{n}:{m}' needs in_features to be a multiple of {m}, got {in_f}")
+        if abs(sparsity - (1 - n / m)) > 1e-6:
+            raise ValueError(f"{name}: pattern '{n}:{m}' always gives sparsity {1 - n / m:g}, got sparsity={sparsity}")
+    if kind == "block" and (out_f % block[0] or in_f % block[1]):
+        raise ValueError(f"{name}: block {block[0]}x{block[1]} does not tile the weight {out_f}x{in_f}")
+
+
+def _batches(calib_data):
+    if calib_data is None:
+        return []
+    if isinstance(calib_data, (torch.Tensor, dict)):
+        return [calib_data]
+    return list(calib_data)
+
+
+def _call(model, batch):
+    if isinstance(batch, dict):
+        return model(**batch)
+    if isinstance(batch, (tuple, list)):
+        return model(*batch)
+    return model(batch)
+
+
+def _loss(output, batch, loss_fn):
+    if loss_fn is not None:
+        return loss_fn(output, batch)
+    if getattr(output, "loss", None) is not None:
+        return output.loss
+    if isinstance(output, dict):
+        output = next(v for v in output.values() if isinstance(v, torch.Tensor))
+    elif isinstance(output, (tuple, list)):
+        output = output[0]
+    return output.float().pow(2).mean()
+
+
+def _calibrate(model, layers, batches, need_norms, need_grads, loss_fn):
+    """Input-feature norms (wanda) and summed weight gradients (gradient,
+    taylor) per layer name. Leaves parameters, .grad and modes as they were."""
+    sq = {name: torch.zeros(_weight_oi(mod).shape[1], dtype=torch.float64, device=mod.weight.device)
+          for name, mod in layers.items()} if need_norms else {}
+    grads = {name: torch.zeros_like(mod.weight, dtype=torch.float32) for name, mod in layers.items()}
+    handles = []
+    if need_norms:
+        for name, mod in layers.items():
+            def hook(module, args, name=name):
+                x = args[0]
+                if x.shape[-1] != sq[name].numel():
+                    raise ValueError(f"{name}: calibration input has {x.shape[-1]} features, "
+                                     f"the layer expects {sq[name].numel()}")
+                sq[name] += x.detach().reshape(-1, x.shape[-1]).double().pow(2).sum(0)
+            handles.append(mod.register_forward_pre_hook(hook))
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        for i, batch in enumerate(tqdm(batches, desc="calibrating", unit="batch", disable=len(batches) < 8)):
+            try:
+                if not need_grads:
+                    with torch.no_grad():
+                        _call(model, batch)
+                    continue
+                weights = [mod.weight for mod in layers.values()]
+                flags = [w.requires_grad for w in weights]
+                try:
+                    with torch.enable_grad():
+                        for w in weights:
+                            w.requires_grad_(True)
+                        out = _call(model, batch)
+                        gs = torch.autograd.grad(_loss(out, batch, loss_fn), weights, allow_unused=True)
+                finally:
+                    for w, f in zip(weights, flags):
+                        w.requires_grad_(f)
+                for name, g in zip(layers, gs):
+                    if g is not None:
+                        grads[name] += g.float()
+            except ValueError:
+                raise
+            except Exception as e:  # the model's own error, e.g. a batch of the wrong shape
+                raise ValueError(f"calibration batch {i} could not be run through the model: {e}") from e
+    finally:
+        for h in handles:
+            h.remove()
+        for m, t in modes.items():
+            m.train(t)
+    norms = {name: s.sqrt().float() for name, s in sq.items()}
+    return norms, grads
+
+
+def _score(mod, name, score, norms, grads):
+    """(score tensor [out, in], the score's name for the report). A layer the
+    calibration never reached (no input, or no gradient) falls back to
+    magnitude, with a warning, rather than being pruned at random."""
+    w = _weight_oi(mod).detach().float()
+    signal = norms.get(name) if score == "wanda" else grads.get(name)
+    if score != "magnitude" and (signal is None or not signal.any()):
+        log.warning("%s: no calibration signal for score=%s; using magnitude", name, score)
+        return w.abs(), "magnitude (no calibration signal)"
+    return _data_score(mod, w, name, score, norms, grads), score
+
+
+def _data_score(mod, w, name, score, norms, grads):
+    if score == "magnitude":
+        return w.abs()
+    g = grads[name].t() if _is_conv1d(mod) else grads[name]
+    if score == "gradient":
+        a = g.abs()
+        return a / a.sum().clamp_min(1e-30)
+    if score == "taylor":
+        return (w * g).abs()
+    return w.abs() * norms[name][None, :]
+
+
+def _lowest_mask(s, k):
+    """Bool mask (True = kept) of s with the k lowest entries (ties by position) dropped."""
+    mask = torch.ones(s.numel(), dtype=torch.bool, device=s.device)
+    if k > 0:
+        mask[torch.argsort(s.flatten(), stable=True)[:k]] = False
+    return mask.view(s.shape)
+
+
+def _mask(s, kind, n, m, block, sparsity, scope):
+    out_f, in_f = s.shape
+    if kind == "nm":
+        groups = s.reshape(out_f, in_f // m, m)
+        keep = torch.zeros_like(groups, dtype=torch.bool)
+        keep.scatter_(2, groups.topk(n, dim=2).indices, True)
+        return keep.view(out_f, in_f)
+    if kind == "block":
+        bh, bw = block
+        bs = s.reshape(out_f // bh, bh, in_f // bw, bw).sum((1, 3))
+        keep = _lowest_mask(bs, round(sparsity * bs.numel()))
+        return keep.repeat_interleave(bh, 0).repeat_interleave(bw, 1)
+    if scope == "row":
+        k = round(sparsity * in_f)
+        order = torch.argsort(s, dim=1, stable=True)[:, :k]
+        return torch.ones_like(s, dtype=torch.bool).scatter_(1, order, False)
+    return _lowest_mask(s, round(sparsity * s.numel()))
+
+
+def prune(model: nn.Module, sparsity: float = 0.5, pattern: str = "2:4", score: str = "magnitude",
+          calib_data=None, target_modules=None, exclude_modules=("lm_head",), block=(16, 16),
+          scope: str = "layer", loss_fn=None, masked_training: bool = True) -> PruneReport:
+    """Prune the weights of matching nn.Linear / Conv1D layers in place.
+
+    calib_data: a tensor, a dict of keyword arguments, or an iterable of
+        batches (each a tensor, a tuple of positional arguments or a dict),
+        needed by score="gradient", "taylor" and "wanda".
+    scope: "layer", "row" or "global" comparison for pattern="unstructured".
+    masked_training: keep the pruned weights at zero during later training
+        (gradient hooks plus a global optimizer step hook); see
+        PruneReport.remove_masks().
+    Everything is checked, and every score computed, before any weight changes:
+    on an error the model is left as it was.
+    """
+    kind, n, m = parse_pattern(pattern)
+    if score not in SCORES:
+        raise ValueError(f"score must be one of {SCORES}, got {score!r}")
+    if scope not in SCOPES:
+        raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
+    if not isinstance(sparsity, (int, float)) or not 0 <= sparsity < 1:
+        raise ValueError(f"sparsity must be in [0, 1), got {sparsity!r}")
+    if kind == "block" and (len(block) != 2 or min(block) < 1):
+        raise ValueError(f"block must be (rows, cols) of positive ints, got {block!r}")
+    head = _output_head(model)
+    layers = {}
+    for _, _, name, child in _children(model):
+        if not _is_linear(child) or any(child is v for v in layers.values()):
+            continue
+        if _matches(name, exclude_modules) or (target_modules is not None and not _matches(name, target_modules)):
+            continue
+        if head is not None and child is head:
+            continue
+        _check_layer(name, _weight_oi(child), kind, n, m, block, sparsity)
+        layers[name] = child
+    batches = _batches(calib_data)
+    if score != "magnitude" and not batches:
+        raise ValueError(f"score={score!r} needs calib_data (batches of model inputs)")
+    norms, grads = {}, {}
+    if score != "magnitude" and layers:
+        norms, grads = _calibrate(model, layers, batches, score == "wanda", score in ("gradient", "taylor"),
+                                  loss_fn)
+    scored = {name: _score(mod, name, score, norms, grads) for name, mod in layers.items()}
+    scores = {name: s for name, (s, _) in scored.items()}
+    masks = {}
+    if kind == "unstructured" and scope == "global" and scores:
+        flat = torch.cat([(s / s.sum().clamp_min(1e-30)).flatten() for s in scores.values()])
+        keep = _lowest_mask(flat, round(sparsity * flat.numel()))
+        start = 0
+        for name, s in scores.items():
+            masks[name] = keep[start:start + s.numel()].view(s.shape)
+            start += s.numel()
+    else:
+        masks = {name: _mask(s, kind, n, m, block, sparsity, scope) for name, s in scores.items()}
+    report = PruneReport(masks=masks)
+    label = f"block {block[0]}x{block[1]}" if kind == "block" else pattern
+    with torch.no_grad():
+        for name, mod in layers.items():
+            keep = masks[name]
+            w_mask = keep.t() if _is_conv1d(mod) else keep
+            mod.weight.mul_(w_mask.to(mod.weight.dtype))
+            reached = 1 - keep.float().mean().item()
+            out_f, in_f = keep.shape
+            report.layers.append(PrunedLayer(name, out_f, in_f, label, scored[name][1], reached))
+            if masked_training:
+                report._handles.append(_MaskHandle(mod.weight, w_mask))
+    log.info("pruned %d layers to %.1f%% zeros (%s, %s)", len(layers), 100 * report.sparsity, label, score)
+    return report
+
+
+# Masked fine-tuning: the gradient hook zeroes the gradient of pruned weights
+# (so momentum and Adam moments stay zero there); the global optimizer hook
+# re-applies every live mask after each step, because weight decay or
+# optimizers that write parameters directly could still move a zero.
+_LIVE = {}  # id(handle) -> handle
+_STEP_HOOK = None
+
+
+def _after_step(optimizer, args, kwargs):
+    with torch.no_grad():
+        for h in list(_LIVE.values()):
+            p = h.param()
+            if p is None:
+                h.remove()
+            else:
+                p.mul_(h.mask)
+
+
+class _MaskHandle:
+    def __init__(self, param, mask):
+        global _STEP_HOOK
+        self.param = weakref.ref(param)
+        self.mask = mask.to(device=param.device, dtype=param.dtype)
+        # A frozen weight gets no gradient hook; the step hook still holds it.
+        self._grad_hook = param.register_hook(lambda g: g * self.mask) if param.requires_grad else None
+        _LIVE[id(self)] = self
+        if _STEP_HOOK is None:
+            _STEP_HOOK = register_optimizer_step_post_hook(_after_step)
+
+    def remove(self):
+        global _STEP_HOOK
+        if self._grad_hook is not None:
+            self._grad_hook.remove()
+        _LIVE.pop(id(self), None)
+        if not _LIVE and _STEP_HOOK is not None:
+            _STEP_HOOK.remove()
+            _STEP_HOOK = None

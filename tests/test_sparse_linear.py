@@ -1,0 +1,167 @@
+"""SparseLinear (from_linear, to_linear, state dict, torch.load, gradients)
+and patch()/unpatch() with sparsity."""
+import io
+
+import pytest
+import torch
+from torch import nn
+
+import peft_ext
+from peft_ext.nn import SparseLinear
+from test_patch import toy
+
+CASES = [("2:4", {}), ("unstructured", {}), ("block", {"block": (16, 16)}), ("block", {"block": (4, 8)})]
+
+
+def pruned_linear(pattern, kw, k=64, n=48, bias=True):
+    lin = nn.Linear(k, n, bias=bias)
+    sparsity = 0.5 if pattern == "2:4" else 0.75
+    peft_ext.prune(nn.Sequential(lin), sparsity, pattern, exclude_modules=None, masked_training=False, **kw)
+    return lin
+
+
+@pytest.mark.parametrize("pattern, kw", CASES)
+@pytest.mark.parametrize("bias", [True, False])
+def test_from_linear_matches_the_pruned_linear(isa, pattern, kw, bias):
+    lin = pruned_linear(pattern, kw, bias=bias)
+    sp = SparseLinear.from_linear(lin, pattern=pattern, **kw)
+    assert not isinstance(sp, nn.Linear)
+    for shape in [(1, 64), (3, 5, 64), (17, 64)]:
+        x = torch.randn(shape)
+        torch.testing.assert_close(sp(x), lin(x), atol=1e-5, rtol=1e-5)
+    back = sp.to_linear()
+    assert type(back) is nn.Linear
+    torch.testing.assert_close(back.weight, lin.weight, atol=0, rtol=0)
+    if pattern != "block":
+        assert sp.nnz == int((lin.weight != 0).sum()) or pattern == "2:4"
+    assert sp.sparsity >= (0.5 if pattern == "2:4" else 0.74)
+
+
+@pytest.mark.parametrize("pattern, kw", CASES)
+def test_state_dict_and_weights_only_load_round_trip(pattern, kw):
+    lin = pruned_linear(pattern, kw)
+    sp = SparseLinear.from_linear(lin, pattern=pattern, **kw)
+    buf = io.BytesIO()
+    torch.save(sp.state_dict(), buf)
+    buf.seek(0)
+    state = torch.load(buf, weights_only=True)
+    fresh = SparseLinear(64, 48, pattern=pattern, **kw)  # nnz unknown: buffers resize on load
+    fresh.load_state_dict(state)
+    x = torch.randn(4, 64)
+    torch.testing.assert_close(fresh(x), sp(x), atol=0, rtol=0)
+
+
+def test_gradient_reaches_input_and_trainable_values():
+    lin = pruned_linear("2:4", {})
+    sp = SparseLinear.from_linear(lin, pattern="2:4", train_values=True)
+    assert isinstance(sp.values, nn.Parameter)
+    x = torch.randn(6, 64, requires_grad=True)
+    xd = x.detach().clone().requires_grad_(True)
+    sp(x).square().sum().backward()
+    lin(xd).square().sum().backward()
+    torch.testing.assert_close(x.grad, xd.grad, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(sp.dense_weight().ne(0), lin.weight.ne(0))
+    opt = torch.optim.SGD(sp.parameters(), lr=0.1)
+    opt.step()
+    dense = sp.dense_weight()
+    assert (dense[lin.weight == 0] == 0).all()  # zeros stay zeros by construction
+    assert not torch.equal(dense, lin.weight.detach())
+
+
+def test_from_linear_rejects_what_the_pattern_cannot_hold():
+    with pytest.raises(ValueError, match="keeps more than two of four"):
+        SparseLinear.from_linear(nn.Linear(8, 4), pattern="2:4")
+    with pytest.raises(ValueError, match="multiple of 4"):
+        SparseLinear.from_linear(nn.Linear(6, 4), pattern="2:4", mask=torch.zeros(4, 6, dtype=torch.bool))
+    with pytest.raises(ValueError, match="does not tile"):
+        SparseLinear.from_linear(nn.Linear(20, 16), pattern="block")
+    with pytest.raises(ValueError, match="pattern must be"):
+        SparseLinear.from_linear(nn.Linear(8, 4), pattern="3:4")
+
+
+@pytest.mark.parametrize("kwargs, kind", [
+    (dict(sparsity=0.5), "SparseLinear[2:4]"),
+    (dict(sparsity=0.75, pattern="block"), "SparseLinear[block]"),
+    (dict(sparsity=0.9, pattern="unstructured"), "SparseLinear[unstructured]"),
+    (dict(sparsity=0.5, pattern="unstructured"), "Linear[pruned]"),
+    (dict(sparsity=0.5, quantize="int8"), "Int8Linear[dynamic]"),
+])
+def test_patch_with_sparsity_prunes_swaps_and_unpatches(kwargs, kind):
+    model = toy()
+    x = torch.randn(2, 7, 64)
+    report = peft_ext.patch(model, **kwargs)
+    assert len(report) == 8 and all(r.new_type == kind for r in report.replaced)
+    assert all(abs(r.sparsity - kwargs["sparsity"]) < 0.01 for r in report.replaced)
+    text = str(report)
+    assert "sparsity" in text and "kernel" in text
+    if kind == "Linear[pruned]":
+        assert "dense at::matmul (CSR kernel slower below 90% sparsity)" in text
+    if kind.startswith("Int8"):
+        assert report.bytes_after < report.bytes_before / 3
+    elif kind.startswith("Sparse"):
+        assert report.bytes_after < report.bytes_before
+    y = model(x)
+    peft_ext.unpatch(model)
+    assert all(type(m) is nn.Linear for n, m in model.named_modules() if n.startswith("layers.") and "proj" in n)
+    torch.testing.assert_close(model(x), y, atol=0.05 if kind.startswith("Int8") else 1e-5, rtol=1e-3)
+
+
+def test_patch_without_sparsity_is_unchanged_and_bad_sparsity_leaves_model_alone():
+    model = toy()
+    report = peft_ext.patch(model)
+    assert all(r.new_type == "Int8Linear[dynamic]" and r.sparsity is None for r in report.replaced)
+    assert "kernel" not in str(report)
+    model = toy()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="sparsity must be in"):
+        peft_ext.patch(model, sparsity=1.5)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_sparse_model_fine_tunes_through_the_input_gradient():
+    model = toy()
+    peft_ext.patch(model, sparsity=0.5, exclude_modules=["layers.0.q_proj", "lm_head"])
+    assert isinstance(model.layers[1].q_proj, SparseLinear)
+    g = torch.Generator().manual_seed(0)
+    x, target = torch.randn(16, 64, generator=g), torch.randint(0, 50, (16,), generator=g)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    losses = []
+    for _ in range(15):
+        loss = nn.functional.cross_entropy(model(x), target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.8 * losses[0]
+    assert model.layers[0].q_proj.weight.grad is not None  # reached through the sparse layers above
+
+
+def test_torch_compile_fullgraph_traces_the_sparse_ops():
+    model = nn.Sequential(SparseLinear.from_linear(pruned_linear("2:4", {}), pattern="2:4"), nn.ReLU(),
+                          SparseLinear.from_linear(pruned_linear("block", {"block": (16, 16)}, k=48, n=32),
+                                                   pattern="block"))
+    x = torch.randn(5, 64)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x), model(x))
+
+
+def test_patch_rejects_a_pattern_without_kernel_before_pruning():
+    model = toy()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="no sparse kernel"):
+        peft_ext.patch(model, sparsity=0.75, pattern="1:4")
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    report = peft_ext.patch(model, sparsity=0.75, pattern="1:4", quantize="int8_weight_only")
+    assert all(r.new_type == "Int8Linear[weight_only]" for r in report.replaced)
+
+
+def test_choose_kernel_is_honest_about_where_sparse_loses():
+    from peft_ext.nn.sparse_linear import choose_kernel
+
+    assert choose_kernel("2:4", 0.5) == (True, "2:4 kernel")
+    assert choose_kernel("block", 0.9) == (True, "BSR kernel")
+    assert choose_kernel("unstructured", 0.8)[0] is False
+    assert choose_kernel("block", 0.3)[0] is False
+    assert choose_kernel("unstructured", 0.9) == (True, "CSR kernel")
+    use, label = choose_kernel("2:4", 0.5, "meta")
+    assert not use and "CPU-only" in label
