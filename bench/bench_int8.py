@@ -63,5 +63,10 @@ def test_linear(benchmark, impls, impl, m):
     slow = impl.startswith("torchao") and m >= 128
     benchmark.group = f"int8 cpu M={m}"
     with torch.inference_mode():
+        # Accuracy next to speed: SQNR of this output against float64.
+        lin = impls["fp32_linear"]
+        exact = x.double() @ lin.weight.double().t() + lin.bias.double()
+        noise = (module(x).double() - exact).pow(2).sum()
+        benchmark.extra_info["sqnr_db"] = round(float(10 * torch.log10(exact.pow(2).sum() / noise)), 2)
         benchmark.pedantic(module, args=(x,), warmup_rounds=1 if slow else 3,
                            rounds=3 if slow else (10 if m >= 128 else 50))

@@ -14,20 +14,24 @@ def load(path):
     groups = defaultdict(dict)
     for b in data["benchmarks"]:
         impl = re.search(r"\[(.*)\]", b["name"]).group(1).split("-")[0]
-        groups[b["group"]][impl] = b["stats"]["median"]
+        groups[b["group"]][impl] = (b["stats"]["median"], b.get("extra_info", {}).get("sqnr_db"))
     return data, groups
 
 
 def table(groups, ours):
     lines = []
     for group in sorted(groups, key=lambda g: [int(s) if s.isdigit() else s for s in re.split(r"(\d+)", g)]):
-        medians = groups[group]
+        medians = {impl: med for impl, (med, _) in groups[group].items()}
+        sqnr = {impl: db for impl, (_, db) in groups[group].items()}
+        show_sqnr = any(db is not None for db in sqnr.values())
         lines.append(f"## {group}")
-        lines.append("| impl | median ms | " + " | ".join(f"{o} speed-up" for o in ours if o in medians) + " |")
-        lines.append("|---|---|" + "---|" * sum(o in medians for o in ours))
+        lines.append("| impl | median ms | " + ("SQNR dB | " if show_sqnr else "")
+                     + " | ".join(f"{o} speed-up" for o in ours if o in medians) + " |")
+        lines.append("|---|---|" + ("---|" if show_sqnr else "") + "---|" * sum(o in medians for o in ours))
         for impl, med in sorted(medians.items(), key=lambda kv: kv[1]):
             ratios = " | ".join(f"{med / medians[o]:.2f}x" for o in ours if o in medians)
-            lines.append(f"| {impl} | {med * 1e3:.3f} | {ratios} |")
+            db = (f"{sqnr[impl]:.1f} | " if sqnr[impl] is not None else "- | ") if show_sqnr else ""
+            lines.append(f"| {impl} | {med * 1e3:.3f} | {db}{ratios} |")
         lines.append("")
     return "\n".join(lines)
 
