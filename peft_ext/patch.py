@@ -51,6 +51,7 @@ class PatchReport:
     replaced: List[Replaced] = field(default_factory=list)
     skipped: List[Skipped] = field(default_factory=list)
     pruned: Optional[object] = None  # the PruneReport when patch() pruned
+    offload: Optional[object] = None  # the Offloader when patch(offload=...) ran
 
     @property
     def bytes_before(self) -> int:
