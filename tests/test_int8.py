@@ -202,3 +202,12 @@ def test_w8a8_is_bitwise_the_reference(isa, dtype, shape):
     # reproduce the reference exactly.
     x, q, s, b = make(*shape, dtype)
     assert torch.equal(ops.int8_linear(x, q, s, b), ref.int8_linear(x, q, s, b))
+
+
+@pytest.mark.parametrize("m", [1, 9])
+def test_empty_in_features_gives_bias(isa, m):
+    q = torch.zeros(5, 0, dtype=torch.int8)
+    b = torch.randn(5)
+    for fn in (ops.int8_linear, ops.int8_linear_weight_only):
+        torch.testing.assert_close(fn(torch.randn(m, 0), q, torch.ones(5), b), b.expand(m, 5))
+        assert (fn(torch.randn(m, 0), q, torch.ones(5), None) == 0).all()

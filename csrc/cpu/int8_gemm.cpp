@@ -90,6 +90,16 @@ void parallel_columns(int64_t N, int64_t K, int64_t M, int64_t align, const F& b
   });
 }
 
+// Empty dot products: y = bias (or 0).
+at::Tensor fill_bias(at::Tensor& out, const c10::optional<at::Tensor>& bias) {
+  if (bias.has_value()) {
+    out.copy_(bias->expand_as(out));
+  } else {
+    out.zero_();
+  }
+  return out;
+}
+
 struct QuantizedRows {
   at::Tensor q, aq, scale;
   int64_t ldq;
@@ -132,6 +142,7 @@ at::Tensor int8_linear_cpu(const at::Tensor& x, const at::Tensor& weight,
   check_int8_linear_args(x, weight, weight_scale, bias, /*check_k_overflow=*/true);
   const int64_t N = weight.size(0), K = weight.size(1);
   at::Tensor out = at::empty(out_shape(x, N), x.options());
+  if (K == 0) return fill_bias(out, bias);
   const at::Tensor x2d = rows_f32(x);
   const int64_t M = x2d.size(0);
   if (M == 0 || N == 0) return out;
@@ -163,6 +174,7 @@ at::Tensor int8_linear_weight_only_cpu(const at::Tensor& x, const at::Tensor& we
   check_int8_linear_args(x, weight, weight_scale, bias, /*check_k_overflow=*/false);
   const int64_t N = weight.size(0), K = weight.size(1);
   at::Tensor out = at::empty(out_shape(x, N), x.options());
+  if (K == 0) return fill_bias(out, bias);
   const at::Tensor x2d = rows_f32(x);
   const int64_t M = x2d.size(0);
   if (M == 0 || N == 0) return out;
