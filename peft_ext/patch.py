@@ -240,7 +240,7 @@ def _convert(child, name, mode, pruned, pattern, block, report):
         if mode is not None:
             kernel = "int8 dense kernel (zeros stored and multiplied)"
         else:
-            use_sparse, kernel = choose_kernel(pattern, sparsity, child.weight.device)
+            use_sparse, kernel = choose_kernel(pattern, sparsity, child.weight.device, child.weight.dtype)
             if not use_sparse:
                 # Masked training keeps a dense pruned layer's zeros; the
                 # handle lives as long as the weight does.

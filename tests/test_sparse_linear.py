@@ -164,4 +164,9 @@ def test_choose_kernel_is_honest_about_where_sparse_loses():
     assert choose_kernel("block", 0.3)[0] is False
     assert choose_kernel("unstructured", 0.9) == (True, "CSR kernel")
     use, label = choose_kernel("2:4", 0.5, "meta")
-    assert not use and "CPU-only" in label
+    assert not use and "CPU and CUDA only" in label
+    assert choose_kernel("2:4", 0.5, "cuda", torch.bfloat16)[0] is True
+    assert choose_kernel("2:4", 0.5, "cuda", torch.float32)[0] is False
+    assert choose_kernel("block", 0.9, "cuda")[0] is True
+    assert choose_kernel("block", 0.8, "cuda")[0] is False
+    assert choose_kernel("unstructured", 0.99, "cuda")[0] is False

@@ -7,7 +7,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include "../int8_checks.h"
+#include "../sparse_checks.h"
 #include "cpu_features.h"
 #include "sparse_kernels.h"
 
@@ -77,30 +77,6 @@ constexpr int64_t kSp24TransposedMinM = 16;
 
 at::Tensor rows_f32(const at::Tensor& x) {
   return x.reshape({-1, x.size(-1)}).to(at::kFloat).contiguous();
-}
-
-void check_common(const at::Tensor& x, const at::Tensor& values, int64_t K, int64_t N,
-                  const c10::optional<at::Tensor>& bias) {
-  check_float_input(x, "x");
-  TORCH_CHECK_TYPE(at::isFloatingType(values.scalar_type()), "values must be floating point, got ",
-                   values.scalar_type());
-  TORCH_CHECK_VALUE(values.is_contiguous(), "values must be contiguous");
-  TORCH_CHECK_VALUE(x.device() == values.device(), "x is on ", x.device(), " but values are on ",
-                    values.device());
-  TORCH_CHECK_VALUE(x.size(-1) == K, "x has ", x.size(-1),
-                    " features in its last dimension but the weight expects in_features=", K);
-  if (bias.has_value()) {
-    TORCH_CHECK_TYPE(at::isFloatingType(bias->scalar_type()), "bias must be floating point, got ",
-                     bias->scalar_type());
-    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == N, "bias must have shape [", N, "], got ",
-                      bias->sizes());
-  }
-}
-
-void check_index(const at::Tensor& t, const char* name, at::ScalarType dtype, int64_t numel) {
-  TORCH_CHECK_TYPE(t.scalar_type() == dtype, name, " must be ", dtype, ", got ", t.scalar_type());
-  TORCH_CHECK_VALUE(t.dim() == 1 && t.numel() == numel && t.is_contiguous(), name,
-                    " must be a contiguous 1-D tensor of ", numel, " elements, got ", t.sizes());
 }
 
 // Compressed-row structure: crow from 0 to nnz, non-decreasing, and column
@@ -222,15 +198,8 @@ at::Tensor run(const at::Tensor& x, int64_t N, int64_t units, int64_t unit_work,
 
 at::Tensor sparse24_linear_cpu(const at::Tensor& x, const at::Tensor& values, const at::Tensor& indices,
                                const c10::optional<at::Tensor>& bias) {
-  TORCH_CHECK_VALUE(values.dim() == 2 && values.size(1) % 2 == 0,
-                    "values must be 2-D [out_features, in_features / 2] with an even second dimension, got ",
-                    values.sizes());
-  const int64_t N = values.size(0), K = 2 * values.size(1);
-  check_common(x, values, K, N, bias);
-  TORCH_CHECK_TYPE(indices.scalar_type() == at::kByte, "indices must be uint8, got ", indices.scalar_type());
-  TORCH_CHECK_VALUE(indices.dim() == 2 && indices.size(0) == N && indices.size(1) == (K + 7) / 8 &&
-                        indices.is_contiguous(),
-                    "indices must be contiguous [", N, ", ", (K + 7) / 8, "], got ", indices.sizes());
+  const auto nk = check_sparse24_args(x, values, indices, bias);
+  const int64_t N = nk.first, K = nk.second;
   const at::Tensor v = values.to(at::kFloat).contiguous();
   const Sp24 w{v.data_ptr<float>(), indices.data_ptr<uint8_t>(), K};
   const bool avx2 = active_isa() == Isa::Avx2;
@@ -248,12 +217,7 @@ at::Tensor sparse24_linear_cpu(const at::Tensor& x, const at::Tensor& values, co
 at::Tensor csr_linear_cpu(const at::Tensor& x, const at::Tensor& crow, const at::Tensor& col,
                           const at::Tensor& values, int64_t in_features,
                           const c10::optional<at::Tensor>& bias) {
-  TORCH_CHECK_VALUE(crow.dim() == 1 && crow.numel() >= 1, "crow must be 1-D [out_features + 1]");
-  const int64_t N = crow.numel() - 1;
-  TORCH_CHECK_VALUE(values.dim() == 1, "values must be 1-D [nnz], got ", values.sizes());
-  check_common(x, values, in_features, N, bias);
-  check_index(crow, "crow", at::kLong, N + 1);
-  check_index(col, "col", at::kInt, values.numel());
+  const int64_t N = check_csr_args(x, crow, col, values, in_features, bias);
   check_rows(crow, col, in_features, "values");
   const at::Tensor v = values.to(at::kFloat).contiguous();
   const Csr w{crow.data_ptr<int64_t>(), col.data_ptr<int32_t>(), v.data_ptr<float>()};
@@ -273,15 +237,8 @@ at::Tensor csr_linear_cpu(const at::Tensor& x, const at::Tensor& crow, const at:
 at::Tensor bsr_linear_cpu(const at::Tensor& x, const at::Tensor& crow, const at::Tensor& col,
                           const at::Tensor& values, int64_t in_features,
                           const c10::optional<at::Tensor>& bias) {
-  TORCH_CHECK_VALUE(values.dim() == 3 && values.size(1) > 0 && values.size(2) > 0,
-                    "values must be 3-D [nnz_blocks, block_rows, block_cols], got ", values.sizes());
-  TORCH_CHECK_VALUE(crow.dim() == 1 && crow.numel() >= 1, "crow must be 1-D [out_features / block_rows + 1]");
-  const int64_t bh = values.size(1), bw = values.size(2), R = crow.numel() - 1, N = R * bh;
-  TORCH_CHECK_VALUE(in_features % bw == 0, "in_features=", in_features, " is not a multiple of the block width ",
-                    bw);
-  check_common(x, values, in_features, N, bias);
-  check_index(crow, "crow", at::kLong, R + 1);
-  check_index(col, "col", at::kInt, values.size(0));
+  const int64_t N = check_bsr_args(x, crow, col, values, in_features, bias);
+  const int64_t bh = values.size(1), bw = values.size(2), R = crow.numel() - 1;
   check_rows(crow, col, in_features / bw, "blocks");
   const at::Tensor v = values.to(at::kFloat).contiguous();
   const Bsr w{crow.data_ptr<int64_t>(), col.data_ptr<int32_t>(), v.data_ptr<float>(), bh, bw};

@@ -17,11 +17,33 @@ PATTERNS = ("2:4", "block", "unstructured")
 MIN_SPARSITY = {"2:4": 0.0, "block": 0.4, "unstructured": 0.9}
 
 
-def choose_kernel(pattern, sparsity, device=torch.device("cpu")):
-    """(use the sparse kernel?, a label for the report)."""
+# CUDA (not yet measured on a GPU: the thresholds are estimates to revisit
+# with bench/bench_sparse_cuda.py). 2:4 runs on the sparse tensor cores for
+# bf16/fp16 (mma.sp: half the multiply-adds and ~56% of the weight bytes of
+# dense); float32 has no sparse tensor-core path, so such layers stay dense.
+# The BSR kernel uses the CUDA cores and reads only the stored blocks: it can
+# only beat cuBLAS where the weight read dominates, i.e. at high sparsity.
+# Unstructured (CSR) has no CUDA kernel (the op densifies per call): dense.
+CUDA_MIN_SPARSITY = {"2:4": 0.0, "block": 0.9}
+
+
+def choose_kernel(pattern, sparsity, device=torch.device("cpu"), dtype=None):
+    """(use the sparse kernel?, a label for the report) for a layer of this
+    pattern, sparsity, device and dtype. The choice is per layer, made once:
+    the op cannot switch per call without keeping a dense copy."""
     name = {"2:4": "2:4 kernel", "block": "BSR kernel", "unstructured": "CSR kernel"}[pattern]
-    if torch.device(device).type != "cpu":
-        return False, f"dense ({name}s are CPU-only so far)"
+    kind = torch.device(device).type
+    if kind == "cuda":
+        if pattern == "2:4" and dtype is not None and dtype not in (torch.bfloat16, torch.float16):
+            return False, "dense cuBLAS (the CUDA 2:4 kernel needs bfloat16/float16)"
+        if pattern not in CUDA_MIN_SPARSITY:
+            return False, f"dense cuBLAS (no CUDA {name}; it would densify per call)"
+        if sparsity >= CUDA_MIN_SPARSITY[pattern] - 1e-3:
+            return True, "2:4 mma.sp kernel (CUDA)" if pattern == "2:4" else "BSR kernel (CUDA)"
+        return False, (f"dense cuBLAS (CUDA {name} expected slower below "
+                       f"{100 * CUDA_MIN_SPARSITY[pattern]:.0f}% sparsity)")
+    if kind != "cpu":
+        return False, f"dense ({name}s run on CPU and CUDA only, not {kind})"
     if sparsity >= MIN_SPARSITY[pattern] - 1e-3:  # 90% of an odd count rounds a hair under
         return True, name
     return False, (f"dense at::matmul ({name} slower below "
