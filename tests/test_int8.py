@@ -5,23 +5,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from peft_ext import ops, reference as ref
-from conftest import sqnr_db
+from conftest import make_int8 as make, sqnr_db, tol
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 SHAPES = [(1, 1, 1), (1, 37, 5), (2, 31, 3), (3, 33, 13), (17, 100, 7), (33, 257, 65), (130, 64, 9)]
-
-
-def make(m, k, n, dtype=torch.float32, bias=True, seed=None):
-    g = torch.Generator().manual_seed(seed if seed is not None else torch.seed() % 2**31)
-    x = torch.randn(m, k, generator=g).to(dtype)
-    q, s = ops.quantize_weight(torch.randn(n, k, generator=g))
-    b = torch.randn(n, generator=g) if bias else None
-    return x, q, s, b
-
-
-def tol(dtype):
-    return {torch.float32: dict(atol=1e-4, rtol=1e-5), torch.bfloat16: dict(atol=3e-2, rtol=2e-2),
-            torch.float16: dict(atol=3e-3, rtol=2e-3)}[dtype]
 
 
 @pytest.mark.parametrize("shape", SHAPES)

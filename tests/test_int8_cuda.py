@@ -9,7 +9,7 @@ multiples of 8/16 (byte-wise weight loads), and K multiples of 16 (cp.async).
 import pytest
 import torch
 
-from conftest import requires_cuda, sqnr_db
+from conftest import make_int8 as make, requires_cuda, sqnr_db, tol
 from peft_ext import ops, reference as ref
 
 pytestmark = [pytest.mark.cuda, requires_cuda]
@@ -19,20 +19,6 @@ SHAPES = [(1, 1, 1), (1, 37, 5), (1, 4096, 3), (2, 31, 3), (5, 64, 130), (7, 300
           (16, 100, 7), (17, 100, 7), (33, 257, 65), (40, 512, 300), (130, 64, 9), (300, 96, 257)]
 # Enough 128x128 tiles to fill any GPU up to 192 SMs: the GEMM's large tile.
 BIG = (1500, 160, 2100)
-
-
-def tol(dtype):
-    return {torch.float32: dict(atol=1e-4, rtol=1e-5), torch.bfloat16: dict(atol=3e-2, rtol=2e-2),
-            torch.float16: dict(atol=3e-3, rtol=2e-3)}[dtype]
-
-
-def make(m, k, n, dtype=torch.float32, bias=True, seed=None):
-    """Inputs on the CPU (for the reference) from a fresh seed."""
-    g = torch.Generator().manual_seed(seed if seed is not None else torch.seed() % 2**31)
-    x = torch.randn(m, k, generator=g).to(dtype)
-    q, s = ops.quantize_weight(torch.randn(n, k, generator=g))
-    b = torch.randn(n, generator=g) if bias else None
-    return x, q, s, b
 
 
 def cuda(*tensors):

@@ -8,6 +8,7 @@
 #include <torch/library.h>
 
 #include "../int8_checks.h"
+#include "../linear_common.h"
 #include "cpu_features.h"
 #include "int8_kernels.h"
 
@@ -58,23 +59,10 @@ namespace {
 
 constexpr int64_t kPadK = 32;
 
-int64_t round_up(int64_t v, int64_t to) { return (v + to - 1) / to * to; }
-
 // x as a contiguous float32 [M, K] matrix (a copy only when needed).
 at::Tensor rows_f32(const at::Tensor& x) {
   const int64_t K = x.size(-1);
   return x.reshape({-1, K}).to(at::kFloat).contiguous();
-}
-
-std::vector<int64_t> out_shape(const at::Tensor& x, int64_t N) {
-  auto shape = x.sizes().vec();
-  shape.back() = N;
-  return shape;
-}
-
-at::Tensor bias_f32(const c10::optional<at::Tensor>& bias) {
-  if (!bias.has_value()) return at::Tensor();
-  return bias->to(at::kFloat).contiguous();
 }
 
 // Output columns are split across threads in multiples of `align` so each
@@ -88,16 +76,6 @@ void parallel_columns(int64_t N, int64_t K, int64_t M, int64_t align, const F& b
   at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
     body(b0 * align, std::min(N, b1 * align));
   });
-}
-
-// Empty dot products: y = bias (or 0).
-at::Tensor fill_bias(at::Tensor& out, const c10::optional<at::Tensor>& bias) {
-  if (bias.has_value()) {
-    out.copy_(bias->expand_as(out));
-  } else {
-    out.zero_();
-  }
-  return out;
 }
 
 struct QuantizedRows {
@@ -142,7 +120,10 @@ at::Tensor int8_linear_cpu(const at::Tensor& x, const at::Tensor& weight,
   check_int8_linear_args(x, weight, weight_scale, bias, /*check_k_overflow=*/true);
   const int64_t N = weight.size(0), K = weight.size(1);
   at::Tensor out = at::empty(out_shape(x, N), x.options());
-  if (K == 0) return fill_bias(out, bias);
+  if (K == 0) {
+    fill_empty_k(out, bias);
+    return out;
+  }
   const at::Tensor x2d = rows_f32(x);
   const int64_t M = x2d.size(0);
   if (M == 0 || N == 0) return out;
@@ -174,7 +155,10 @@ at::Tensor int8_linear_weight_only_cpu(const at::Tensor& x, const at::Tensor& we
   check_int8_linear_args(x, weight, weight_scale, bias, /*check_k_overflow=*/false);
   const int64_t N = weight.size(0), K = weight.size(1);
   at::Tensor out = at::empty(out_shape(x, N), x.options());
-  if (K == 0) return fill_bias(out, bias);
+  if (K == 0) {
+    fill_empty_k(out, bias);
+    return out;
+  }
   const at::Tensor x2d = rows_f32(x);
   const int64_t M = x2d.size(0);
   if (M == 0 || N == 0) return out;

@@ -8,6 +8,8 @@
 
 #include <ATen/ATen.h>
 
+#include "../linear_common.h"
+
 #ifdef __CUDACC__
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -15,33 +17,11 @@
 
 namespace peft_ext::cuda {
 
-inline int64_t round_up(int64_t v, int64_t to) { return (v + to - 1) / to * to; }
-
 inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 // x[..., K] as a contiguous [M, K] matrix in its own dtype (a copy only for
 // non-contiguous views).
 inline at::Tensor rows(const at::Tensor& x) { return x.reshape({-1, x.size(-1)}).contiguous(); }
-
-inline std::vector<int64_t> out_shape(const at::Tensor& x, int64_t N) {
-  auto shape = x.sizes().vec();
-  shape.back() = N;
-  return shape;
-}
-
-inline at::Tensor bias_f32(const std::optional<at::Tensor>& bias) {
-  if (!bias.has_value()) return at::Tensor();
-  return bias->to(at::kFloat).contiguous();
-}
-
-// K == 0: every dot product is empty, y = bias (or 0).
-inline void fill_empty_k(at::Tensor& out, const std::optional<at::Tensor>& bias) {
-  if (bias.has_value()) {
-    out.copy_(bias->expand_as(out));
-  } else {
-    out.zero_();
-  }
-}
 
 // Per-token quantization of x2d [M, K] (contiguous, float/bf16/half) into
 // q [M, ldq] int8 (columns K..ldq-1 zero) and scale [M] float32, one kernel,

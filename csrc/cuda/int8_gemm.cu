@@ -25,6 +25,7 @@
 
 #include "../int8_checks.h"
 #include "int8_cuda.h"
+#include "ptx.cuh"
 
 namespace peft_ext::cuda {
 namespace {
@@ -35,27 +36,6 @@ constexpr int kStages = 4;    // cp.async pipeline depth
 constexpr int kSmemRow = 80;  // kBK + 16: ldmatrix row addresses fall in distinct banks
 constexpr int kWarpM = 64;    // warp tile: 4 m16 x 4 n8 mma tiles
 constexpr int kWarpN = 32;
-
-__device__ __forceinline__ uint32_t smem_u32(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-// 16-byte global->shared copy; src_bytes = 0 fills the 16 bytes with zeros.
-__device__ __forceinline__ void cp_async16(void* dst, const void* src, int src_bytes) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(dst)), "l"(src),
-               "r"(src_bytes));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
-}
-
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* p) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(smem_u32(p)));
-}
 
 // Fragments (PTX ISA, lane = 4 * g + t): a[0] = A[g][4t..4t+3],
 // a[1] = A[g+8][4t..], a[2] = A[g][16+4t..], a[3] = A[g+8][16+4t..];

@@ -40,6 +40,7 @@
 
 #include "../sparse_checks.h"
 #include "int8_cuda.h"
+#include "ptx.cuh"
 #include "sparse_cuda.h"
 
 namespace peft_ext::cuda {
@@ -50,29 +51,10 @@ constexpr int kWRow = 80;     // bytes per weight row in shared memory (64 + 16:
 constexpr int kXRow = 144;    // bytes per activation row (128 + 16)
 constexpr int kMetaRow = 8;   // index bytes per weight row per stage (64 columns / 8)
 
-__device__ __forceinline__ uint32_t smem_u32(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-// src_bytes = 0 fills the destination with zeros (tiles past M, N).
-__device__ __forceinline__ void cp_async16(void* dst, const void* src, int src_bytes) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(dst)), "l"(src),
-               "r"(src_bytes));
-}
+// 8-byte variant for the index bytes; src_bytes = 0 fills zeros.
 __device__ __forceinline__ void cp_async8(void* dst, const void* src, int src_bytes) {
   asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;\n" ::"r"(smem_u32(dst)), "l"(src),
                "r"(src_bytes));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
-}
-
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* p) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(smem_u32(p)));
 }
 
 // Every 4-bit chunk whose second position is not above its first becomes
