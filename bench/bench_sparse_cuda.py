@@ -34,7 +34,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from bench_int8_cuda import copy_bandwidth, git_commit, peak, time_graph  # noqa: E402
-from peft_ext import ops, reference as ref, sparse_ops  # noqa: E402
+from peft_ext import formats, ops, reference as ref  # noqa: E402
+from peft_ext.ops import sparse as sparse_ops  # noqa: E402
 
 SHAPES = [(4096, 4096), (4096, 14336)]
 MS = [1, 16, 128, 2048, 4096, 8192]
@@ -48,7 +49,7 @@ def weights_for(k, n, g):
     w = torch.randn(n, k, device="cuda", generator=g, dtype=torch.bfloat16)
     keep = torch.rand(n, k // 4, 4, device="cuda", generator=g).argsort(dim=2)[..., :2]
     mask = torch.zeros(n, k // 4, 4, dtype=torch.bool, device="cuda").scatter_(2, keep, True).view(n, k)
-    values, indices = ref.compress_24(w, mask)
+    values, indices = formats.compress_24(w, mask)
     w24 = w * mask
     try:
         semi = torch.sparse.to_sparse_semi_structured(w24)
@@ -58,7 +59,7 @@ def weights_for(k, n, g):
     rows, cols = n // BLOCK[0], k // BLOCK[1]
     kept = torch.rand(rows, cols, device="cuda", generator=g) >= BLOCK_SPARSITY
     bmask = kept.repeat_interleave(BLOCK[0], 0).repeat_interleave(BLOCK[1], 1)
-    crow, col, bvals = ref.compress_bsr(w, bmask, BLOCK)
+    crow, col, bvals = formats.compress_bsr(w, bmask, BLOCK)
     return {"bf16": w, "w24": w24, "values": values, "indices": indices, "semi": semi,
             "bsr": (crow, col, bvals), "bsr_density": float(kept.float().mean())}
 

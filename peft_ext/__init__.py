@@ -7,12 +7,12 @@
 """
 from . import ops
 from .nn import Int8Linear, SparseLinear
+from .offload import OffloadPlan, Offloader, offload
 from .patch import PatchReport, patch, unpatch
 from .prefetch import Prefetcher
-from .offload import offload
 from .prune import PruneReport, prune
 
 __version__ = "0.1.0"
 
-__all__ = ["Int8Linear", "PatchReport", "Prefetcher", "PruneReport", "SparseLinear", "offload", "ops",
-           "patch", "prune", "unpatch", "__version__"]
+__all__ = ["Int8Linear", "OffloadPlan", "Offloader", "PatchReport", "Prefetcher", "PruneReport", "SparseLinear",
+           "offload", "ops", "patch", "prune", "unpatch", "__version__"]

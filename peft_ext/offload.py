@@ -27,6 +27,7 @@ from typing import List, Optional
 import torch
 from torch import nn
 
+from ._report import human_bytes, table
 from .prefetch import Prefetcher, _resolve_device
 
 log = logging.getLogger(__name__)
@@ -76,14 +77,12 @@ class OffloadPlan:
     rows: List[PlanRow] = field(default_factory=list)
 
     def __str__(self):
-        from .patch import _human, _table
-
-        lines = _table([("module", "bytes", "copy ms", "compute ms", "placement")] +
-                       [(r.name, _human(r.bytes), f"{r.copy_ms:.3f}", f"{r.compute_ms:.3f}", r.placement)
+        lines = table([("module", "bytes", "copy ms", "compute ms", "placement")] +
+                       [(r.name, human_bytes(r.bytes), f"{r.copy_ms:.3f}", f"{r.compute_ms:.3f}", r.placement)
                         for r in self.rows])
-        lines += ["", f"device {self.device}: resident {_human(self.resident_bytes)} + ring "
-                      f"{_human(self.ring_bytes)} (depth {self.depth}) of {_human(self.max_resident_bytes)}; "
-                      f"streams {_human(self.streamed_bytes_per_forward)} per forward at "
+        lines += ["", f"device {self.device}: resident {human_bytes(self.resident_bytes)} + ring "
+                      f"{human_bytes(self.ring_bytes)} (depth {self.depth}) of {human_bytes(self.max_resident_bytes)}; "
+                      f"streams {human_bytes(self.streamed_bytes_per_forward)} per forward at "
                       f"{self.bandwidth_gbps:.2f} GB/s: {self.expected_copy_s * 1e3:.2f} ms of copies, "
                       f"about {self.expected_exposed_s * 1e3:.2f} ms not hidden by compute"]
         return "\n".join(lines)

@@ -1,14 +1,19 @@
 """patch(model) swaps nn.Linear layers for peft_ext modules in place and
 reports what changed; unpatch(model) puts plain layers back."""
-import re
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, List, Optional, Union
 
 from torch import nn
 
-from .nn.int8_linear import Int8Linear, _is_conv1d
+from ._modules import children, is_conv1d, is_linear, select_linears
+from ._report import human_bytes, table
+from .masking import MaskHandle
+from .nn.int8_linear import Int8Linear
 from .nn.sparse_linear import PATTERNS as SPARSE_PATTERNS, SparseLinear, choose_kernel
+from .offload import offload as offload_model
 from .ops import FLOAT_DTYPES
+from .prune import prune as prune_model
 
 QUANTIZE_MODES = {"int8": "dynamic", "int8_weight_only": "weight_only"}
 PATCHED_TYPES = (Int8Linear, SparseLinear)
@@ -36,14 +41,6 @@ class Skipped:
     reason: str
 
 
-def _human(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    return str(n)
-
-
 @dataclass
 class PatchReport:
     """What patch()/unpatch() changed. `print(report)` shows a table."""
@@ -69,74 +66,26 @@ class PatchReport:
         extra = ("sparsity", "kernel") if sparse else ()
         rows = [("module", "from", "to", "shape (out x in)", "bytes before", "bytes after") + extra]
         rows += [(r.name, r.old_type, r.new_type, f"{r.out_features} x {r.in_features}",
-                  _human(r.bytes_before), _human(r.bytes_after)) +
+                  human_bytes(r.bytes_before), human_bytes(r.bytes_after)) +
                  ((f"{100 * (r.sparsity or 0):.1f}%", r.kernel) if sparse else ()) for r in self.replaced]
-        lines = _table(rows)
+        lines = table(rows)
         if self.skipped:
             lines.append("")
-            lines += _table([("left alone", "type", "reason")] +
+            lines += table([("left alone", "type", "reason")] +
                             [(s.name, s.type, s.reason) for s in self.skipped])
         ratio = self.bytes_before / self.bytes_after if self.bytes_after else float("nan")
         lines.append("")
         lines.append(f"replaced {len(self.replaced)} module(s), left {len(self.skipped)} alone; "
-                     f"weights {_human(self.bytes_before)} -> {_human(self.bytes_after)} ({ratio:.2f}x smaller)")
+                     f"weights {human_bytes(self.bytes_before)} -> {human_bytes(self.bytes_after)} ({ratio:.2f}x smaller)")
         return "\n".join(lines)
-
-
-def _table(rows):
-    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
-    out = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
-    out.insert(1, "  ".join("-" * w for w in widths))
-    return out
-
-
-def _matches(name: str, patterns) -> bool:
-    """HF peft's rule: a string is a regex that must match the full name; a list
-    matches a name exactly or as a dotted suffix."""
-    if patterns is None:
-        return False
-    if isinstance(patterns, str):
-        return re.fullmatch(patterns, name) is not None
-    return any(name == p or name.endswith("." + p) for p in patterns)
 
 
 def _param_bytes(module) -> int:
     return sum(t.numel() * t.element_size() for t in list(module.parameters()) + list(module.buffers()))
 
 
-def _children(model):
-    """(parent, attribute name, full name, child) for every module edge, so a
-    layer shared by two parents is swapped in both."""
-    for parent_name, parent in model.named_modules(remove_duplicate=False):
-        # _modules, not named_children(): the latter hides repeated children.
-        for child_name, child in parent._modules.items():
-            if child is None:
-                continue
-            full = f"{parent_name}.{child_name}" if parent_name else child_name
-            yield parent, child_name, full, child
-
-
-def _output_head(model):
-    getter = getattr(model, "get_output_embeddings", None)
-    try:
-        return getter() if callable(getter) else None
-    except (NotImplementedError, AttributeError):
-        return None
-
-
-def _is_linear(module) -> bool:
-    return isinstance(module, nn.Linear) or _is_conv1d(module)
-
-
-def _skip_reason(name, module, mode, target_modules, exclude_modules, filter_fn, min_params, head):
-    if _matches(name, exclude_modules):
-        return "excluded (exclude_modules)"
-    if target_modules is not None and not _matches(name, target_modules):
-        return "not in target_modules"
-    if filter_fn is not None and not filter_fn(name, module):
-        return "rejected by filter_fn"
-    if head is not None and module is head:
-        return "output head"
+def _skip_reason(module, mode, min_params):
+    """Why a selected layer cannot be converted, or None."""
     weight = module.weight
     if weight.dtype not in FLOAT_DTYPES:
         return f"unsupported dtype {weight.dtype}"
@@ -144,94 +93,116 @@ def _skip_reason(name, module, mode, target_modules, exclude_modules, filter_fn,
         return "weights on the meta device"
     if weight.numel() < min_params:
         return f"too small ({weight.numel()} weights < min_params={min_params})"
-    in_features = weight.shape[0] if _is_conv1d(module) else weight.shape[1]
+    in_features = weight.shape[0] if is_conv1d(module) else weight.shape[1]
     if mode == "dynamic" and in_features > MAX_DYNAMIC_IN_FEATURES:
         return f"in_features={in_features} could overflow int32 sums; use int8_weight_only"
     return None
 
 
+# patch()'s flat pruning keywords before prune=dict(...); accepted, with a
+# DeprecationWarning, for one release.
+_OLD_PRUNE_KEYWORDS = ("sparsity", "pattern", "score", "calib_data", "block")
+# prune() arguments that patch() sets itself.
+_PATCH_SETS = ("model", "target_modules", "exclude_modules", "masked_training")
+
+
 def patch(
     model: nn.Module,
     quantize: Optional[str] = None,
+    *,
     target_modules: Optional[Union[str, Iterable[str]]] = None,
     exclude_modules: Optional[Union[str, Iterable[str]]] = ("lm_head",),
     filter_fn: Optional[Callable[[str, nn.Module], bool]] = None,
     min_params: int = 1024,
-    sparsity: Optional[float] = None,
-    pattern: str = "2:4",
-    score: str = "magnitude",
-    calib_data=None,
-    block=(16, 16),
+    prune: Optional[dict] = None,
     offload: Optional[dict] = None,
+    **deprecated,
 ) -> PatchReport:
     """Replace matching nn.Linear (and transformers Conv1D) modules in place.
 
     quantize: "int8" (W8A8, activations quantized per token) or
-        "int8_weight_only" (activations stay float). None means "int8" when
-        sparsity is None, and no quantization when pruning.
+        "int8_weight_only" (activations stay float). None means "int8"
+        without prune, and no quantization with it.
     target_modules / exclude_modules: HF peft rules (exact name or dotted
         suffix; a string is a regex that must match the whole name).
     filter_fn(name, module) -> bool: a last say on each candidate.
     min_params: layers with fewer weights are left alone (too small to gain).
-    sparsity, pattern, score, calib_data, block: prune the chosen layers first
-        (see peft_ext.prune) and swap in SparseLinear where its kernel beats
-        dense for the pattern and sparsity; other pruned layers stay dense
-        (masked during later training) and the report says so. With quantize
-        too, pruned weights are quantized to Int8Linear (dense int8 kernel:
-        the zeros are stored and multiplied).
-    The model's output head (get_output_embeddings(), or "lm_head") is kept.
+    prune: keyword arguments of peft_ext.prune() (sparsity, pattern, score,
+        calib_data, block, scope, loss_fn): prune the chosen layers first and
+        swap in SparseLinear where its kernel beats dense for the pattern and
+        sparsity; other pruned layers stay dense (masked during later
+        training) and the report says so. With quantize too, pruned weights
+        are quantized to Int8Linear (dense int8 kernel: the zeros are stored
+        and multiplied). The PruneReport is `report.pruned`.
     offload: keyword arguments of peft_ext.offload(), run after the swap (int8
         layers then stream half the bytes); the Offloader is `report.offload`.
+    The model's output head (get_output_embeddings(), or "lm_head") is kept.
+    The flat keywords sparsity=, pattern=, score=, calib_data=, block= still
+    work (as prune=dict(...)) with a DeprecationWarning.
     """
-    if quantize is None and sparsity is None:
+    prune = _prune_options(prune, deprecated)
+    if quantize is None and prune is None:
         quantize = "int8"
     if quantize is not None and quantize not in QUANTIZE_MODES:
         raise ValueError(f"quantize must be one of {sorted(QUANTIZE_MODES)}, got {quantize!r}")
     mode = QUANTIZE_MODES.get(quantize)
-    if sparsity is not None and mode is None and pattern not in SPARSE_PATTERNS:
+    pattern, block = (prune or {}).get("pattern", "2:4"), (prune or {}).get("block", (16, 16))
+    if prune is not None and mode is None and pattern not in SPARSE_PATTERNS:
         raise ValueError(f"pattern {pattern!r} has no sparse kernel; use one of {SPARSE_PATTERNS}, "
                          f"or quantize='int8' to keep the pruned weights in a dense int8 layer")
-    if _is_linear(model):
+    if is_linear(model):
         raise ValueError("patch() swaps submodules; the model itself is a Linear: wrap it in a module first")
-    head = _output_head(model)
     report = PatchReport()
-    chosen = {}
-    for parent, attr, name, child in list(_children(model)):
-        if not _is_linear(child) or id(child) in chosen:
-            continue
-        reason = _skip_reason(name, child, mode, target_modules, exclude_modules, filter_fn,
-                              min_params, head)
+    chosen = {}  # id(layer) -> its name, or None when left alone
+    for name, child, reason in select_linears(model, target_modules, exclude_modules, filter_fn):
+        reason = reason or _skip_reason(child, mode, min_params)
         if reason is not None:
             report.skipped.append(Skipped(name, type(child).__name__, reason))
-            chosen[id(child)] = None
-        else:
-            chosen[id(child)] = name
+        chosen[id(child)] = None if reason else name
     pruned = {}
-    if sparsity is not None:
-        from .prune import prune
-
+    if prune is not None:
         names = [n for n in chosen.values() if n is not None]
-        report.pruned = prune(model, sparsity=sparsity, pattern=pattern, score=score, calib_data=calib_data,
-                              target_modules=names, exclude_modules=None, block=block, masked_training=False)
+        report.pruned = prune_model(model, **prune, target_modules=names, exclude_modules=None,
+                                    masked_training=False)
         pruned = {r.name: (r, report.pruned.masks[r.name]) for r in report.pruned.layers}
     decided = {}
-    for parent, attr, name, child in list(_children(model)):
-        if not _is_linear(child) or chosen.get(id(child)) is None:
+    for parent, attr, name, child in list(children(model)):
+        if not is_linear(child) or chosen.get(id(child)) is None:
             continue
         if id(child) not in decided:
             decided[id(child)] = _convert(child, chosen[id(child)], mode, pruned, pattern, block, report)
         setattr(parent, attr, decided[id(child)])
     if offload is not None:
-        from .offload import offload as offload_model
-
         report.offload = offload_model(model, **offload)
     return report
 
 
+def _prune_options(prune, deprecated):
+    """patch()'s prune= dict (None: no pruning), from it or from the old flat keywords."""
+    unknown = sorted(set(deprecated) - set(_OLD_PRUNE_KEYWORDS))
+    if unknown:
+        raise TypeError(f"patch() got unexpected keyword argument(s) {', '.join(map(repr, unknown))}")
+    if deprecated:
+        warnings.warn(f"patch({', '.join(f'{k}=' for k in deprecated)}...) is deprecated; "
+                      f"pass prune=dict({', '.join(f'{k}=...' for k in deprecated)})",
+                      DeprecationWarning, stacklevel=3)
+        if prune is not None:
+            raise ValueError("pass the pruning options in prune=dict(...) only, not also as keywords")
+        if deprecated.get("sparsity") is None:  # as before: no sparsity, no pruning
+            return None
+        return dict(deprecated)
+    if prune is None:
+        return None
+    if not isinstance(prune, dict):
+        raise TypeError(f"prune must be a dict of peft_ext.prune() keyword arguments, got {type(prune).__name__}")
+    clash = sorted(set(prune) & set(_PATCH_SETS))
+    if clash:
+        raise ValueError(f"prune={{...}} cannot set {', '.join(clash)}: patch() chooses the layers itself")
+    return dict(prune)
+
+
 def _convert(child, name, mode, pruned, pattern, block, report):
     """The replacement for one chosen layer (the layer itself when it stays dense)."""
-    from .prune import _MaskHandle
-
     before = _param_bytes(child)
     sparsity, kernel = None, ""
     if name in pruned:
@@ -244,7 +215,7 @@ def _convert(child, name, mode, pruned, pattern, block, report):
             if not use_sparse:
                 # Masked training keeps a dense pruned layer's zeros; the
                 # handle lives as long as the weight does.
-                _MaskHandle(child.weight, mask.t() if _is_conv1d(child) else mask)
+                MaskHandle(child.weight, mask.t() if is_conv1d(child) else mask)
                 layer_report.path = kernel
                 out_f, in_f = mask.shape
                 report.replaced.append(Replaced(name, type(child).__name__, type(child).__name__ + "[pruned]",
@@ -268,7 +239,7 @@ def unpatch(model: nn.Module) -> PatchReport:
     under the same names and state-dict keys."""
     report = PatchReport()
     restored = {}
-    for parent, attr, name, child in list(_children(model)):
+    for parent, attr, name, child in list(children(model)):
         if not isinstance(child, PATCHED_TYPES):
             continue
         if id(child) not in restored:

@@ -147,7 +147,8 @@ class Prefetcher:
         self._t_first = self._t_last = None
         self._bar = None
         if progress:
-            from tqdm.auto import tqdm
+            # Lazy: tqdm.auto probes for IPython/Jupyter, too slow for `import peft_ext`.
+            from tqdm.auto import tqdm  # noqa: PLC0415
 
             self._bar = tqdm(total=self._len, unit="batch", desc="prefetch")
             self._bar_t = time.perf_counter()

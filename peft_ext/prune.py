@@ -20,17 +20,16 @@ block (bh x bw, default 16 x 16, over [out, in]) by its summed score and drops
 the lowest blocks per layer.
 """
 import logging
-import weakref
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import List
 
 import torch
 from torch import nn
-from torch.optim.optimizer import register_optimizer_step_post_hook
 from tqdm import tqdm
 
-from .patch import _children, _matches, _output_head, _table, _is_linear
-from .nn.int8_linear import _is_conv1d
+from ._modules import is_conv1d, select_linears
+from ._report import table
+from .masking import MaskHandle
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +77,7 @@ class PruneReport:
         for r in self.layers:
             rows.append((r.name, f"{r.out_features} x {r.in_features}", r.pattern, r.score,
                          f"{100 * r.sparsity:.1f}%") + ((r.path,) if len(rows[0]) == 6 else ()))
-        lines = _table(rows)
+        lines = table(rows)
         lines.append(f"pruned {len(self.layers)} layer(s) to {100 * self.sparsity:.1f}% zeros overall")
         return "\n".join(lines)
 
@@ -96,7 +95,7 @@ def parse_pattern(pattern: str):
 
 def _weight_oi(module):
     """The weight as [out, in] (Conv1D stores [in, out])."""
-    return module.weight.t() if _is_conv1d(module) else module.weight
+    return module.weight.t() if is_conv1d(module) else module.weight
 
 
 def _check_layer(name, w, kind, n, m, block, sparsity):
@@ -207,7 +206,7 @@ def _score(mod, name, score, norms, grads):
 def _data_score(mod, w, name, score, norms, grads):
     if score == "magnitude":
         return w.abs()
-    g = grads[name].t() if _is_conv1d(mod) else grads[name]
+    g = grads[name].t() if is_conv1d(mod) else grads[name]
     if score == "gradient":
         a = g.abs()
         return a / a.sum().clamp_min(1e-30)
@@ -267,17 +266,10 @@ def prune(model: nn.Module, sparsity: float = 0.5, pattern: str = "2:4", score: 
         raise ValueError(f"sparsity must be in [0, 1), got {sparsity!r}")
     if kind == "block" and (len(block) != 2 or min(block) < 1):
         raise ValueError(f"block must be (rows, cols) of positive ints, got {block!r}")
-    head = _output_head(model)
-    layers = {}
-    for _, _, name, child in _children(model):
-        if not _is_linear(child) or any(child is v for v in layers.values()):
-            continue
-        if _matches(name, exclude_modules) or (target_modules is not None and not _matches(name, target_modules)):
-            continue
-        if head is not None and child is head:
-            continue
+    layers = {name: child for name, child, reason in select_linears(model, target_modules, exclude_modules)
+              if reason is None}
+    for name, child in layers.items():
         _check_layer(name, _weight_oi(child), kind, n, m, block, sparsity)
-        layers[name] = child
     batches = _batches(calib_data)
     if score != "magnitude" and not batches:
         raise ValueError(f"score={score!r} needs calib_data (batches of model inputs)")
@@ -302,51 +294,12 @@ def prune(model: nn.Module, sparsity: float = 0.5, pattern: str = "2:4", score: 
     with torch.no_grad():
         for name, mod in layers.items():
             keep = masks[name]
-            w_mask = keep.t() if _is_conv1d(mod) else keep
+            w_mask = keep.t() if is_conv1d(mod) else keep
             mod.weight.mul_(w_mask.to(mod.weight.dtype))
             reached = 1 - keep.float().mean().item()
             out_f, in_f = keep.shape
             report.layers.append(PrunedLayer(name, out_f, in_f, label, scored[name][1], reached))
             if masked_training:
-                report._handles.append(_MaskHandle(mod.weight, w_mask))
+                report._handles.append(MaskHandle(mod.weight, w_mask))
     log.info("pruned %d layers to %.1f%% zeros (%s, %s)", len(layers), 100 * report.sparsity, label, score)
     return report
-
-
-# Masked fine-tuning: the gradient hook zeroes the gradient of pruned weights
-# (so momentum and Adam moments stay zero there); the global optimizer hook
-# re-applies every live mask after each step, because weight decay or
-# optimizers that write parameters directly could still move a zero.
-_LIVE = {}  # id(handle) -> handle
-_STEP_HOOK = None
-
-
-def _after_step(optimizer, args, kwargs):
-    with torch.no_grad():
-        for h in list(_LIVE.values()):
-            p = h.param()
-            if p is None:
-                h.remove()
-            else:
-                p.mul_(h.mask)
-
-
-class _MaskHandle:
-    def __init__(self, param, mask):
-        global _STEP_HOOK
-        self.param = weakref.ref(param)
-        self.mask = mask.to(device=param.device, dtype=param.dtype)
-        # A frozen weight gets no gradient hook; the step hook still holds it.
-        self._grad_hook = param.register_hook(lambda g: g * self.mask) if param.requires_grad else None
-        _LIVE[id(self)] = self
-        if _STEP_HOOK is None:
-            _STEP_HOOK = register_optimizer_step_post_hook(_after_step)
-
-    def remove(self):
-        global _STEP_HOOK
-        if self._grad_hook is not None:
-            self._grad_hook.remove()
-        _LIVE.pop(id(self), None)
-        if not _LIVE and _STEP_HOOK is not None:
-            _STEP_HOOK.remove()
-            _STEP_HOOK = None

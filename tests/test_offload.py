@@ -8,7 +8,7 @@ from torch import nn
 
 import peft_ext
 from peft_ext.nn import Int8Linear
-from peft_ext.offload import Offloader
+from peft_ext import Offloader
 
 from conftest import requires_cuda
 

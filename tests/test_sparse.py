@@ -3,7 +3,8 @@ random inputs of odd shapes, opcheck, autograd, and bad input."""
 import pytest
 import torch
 
-from peft_ext import reference as ref, sparse_ops
+from peft_ext import formats, reference as ref
+from peft_ext.ops import sparse as sparse_ops
 
 SHAPES = [(1, 4, 1), (1, 36, 5), (2, 20, 3), (3, 68, 13), (7, 132, 9), (8, 260, 33), (33, 100, 17), (130, 64, 7)]
 BLOCKS = [(16, 16), (32, 32), (4, 8), (3, 5), (1, 1)]
@@ -20,14 +21,14 @@ def mask_24(n, k, g):
 
 def make_24(m, k, n, g, dtype=torch.float32):
     w = torch.randn(n, k, generator=g)
-    values, indices = ref.compress_24(w, mask_24(n, k, g))
+    values, indices = formats.compress_24(w, mask_24(n, k, g))
     return torch.randn(m, k, generator=g).to(dtype), values, indices, torch.randn(n, generator=g)
 
 
 def make_csr(m, k, n, g, density=0.3):
     w = torch.randn(n, k, generator=g)
     mask = torch.rand(n, k, generator=g) < density
-    return (torch.randn(m, k, generator=g), *ref.compress_csr(w, mask), k, torch.randn(n, generator=g))
+    return (torch.randn(m, k, generator=g), *formats.compress_csr(w, mask), k, torch.randn(n, generator=g))
 
 
 def make_bsr(m, block, rows, cols, g, density=0.4):
@@ -36,7 +37,7 @@ def make_bsr(m, block, rows, cols, g, density=0.4):
     w = torch.randn(n, k, generator=g)
     keep = torch.rand(rows, cols, generator=g) < density
     mask = keep.repeat_interleave(bh, 0).repeat_interleave(bw, 1)
-    return (torch.randn(m, k, generator=g), *ref.compress_bsr(w, mask, block), k, torch.randn(n, generator=g))
+    return (torch.randn(m, k, generator=g), *formats.compress_bsr(w, mask, block), k, torch.randn(n, generator=g))
 
 
 def close(out, expected, dtype=torch.float32):
@@ -47,7 +48,7 @@ def close(out, expected, dtype=torch.float32):
 def test_24_format_round_trips():
     g = gen()
     w = torch.randn(9, 44, generator=g) * mask_24(9, 44, g)
-    values, indices = ref.compress_24(w, w != 0)
+    values, indices = formats.compress_24(w, w != 0)
     assert values.shape == (9, 22) and indices.shape == (9, 6) and indices.dtype == torch.uint8
     torch.testing.assert_close(ref.decompress_24(values, indices), w, atol=0, rtol=0)
 
@@ -85,7 +86,7 @@ def test_csr_empty_rows_and_full_rows(isa):
     mask[1] = True
     mask[4, ::3] = True
     x = torch.randn(11, 37, generator=g)
-    args = (x, *ref.compress_csr(w, mask), 37, None)
+    args = (x, *formats.compress_csr(w, mask), 37, None)
     close(sparse_ops.csr_linear(*args), ref.csr_linear(*args))
 
 

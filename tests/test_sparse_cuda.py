@@ -15,7 +15,8 @@ from torch import nn
 
 import peft_ext
 from conftest import requires_cuda
-from peft_ext import reference as ref, sparse_ops
+from peft_ext import formats, reference as ref
+from peft_ext.ops import sparse as sparse_ops
 from peft_ext.nn import SparseLinear
 from test_int8_cuda import run_poisoned
 from test_sparse import make_bsr, mask_24
@@ -41,7 +42,7 @@ def tol(dtype):
 def make_24(m, k, n, g, dtype):
     """CPU inputs in `dtype`: x [m, k], values, indices, bias."""
     w = torch.randn(n, k, generator=g).to(dtype)
-    values, indices = ref.compress_24(w, mask_24(n, k, g))
+    values, indices = formats.compress_24(w, mask_24(n, k, g))
     return torch.randn(m, k, generator=g).to(dtype), values, indices, torch.randn(n, generator=g).to(dtype)
 
 
@@ -122,7 +123,7 @@ def test_bsr_empty_rows_3d_and_noncontiguous():
 def test_csr_fallback_matches_reference(dtype):
     g = gen()
     w = torch.randn(37, 90, generator=g)
-    crow, col, v = ref.compress_csr(w, torch.rand(37, 90, generator=g) < 0.2)
+    crow, col, v = formats.compress_csr(w, torch.rand(37, 90, generator=g) < 0.2)
     x, b = torch.randn(2, 11, 90, generator=g).to(dtype), torch.randn(37, generator=g)
     out = run_poisoned(sparse_ops.csr_linear, *cuda(x, crow, col, v.to(dtype), 90, b))
     torch.testing.assert_close(out.cpu(), ref.csr_linear(x, crow, col, v.to(dtype), 90, b), **tol(dtype))
@@ -135,7 +136,7 @@ def test_opcheck_on_cuda():
         x, crow, col, v, k, b = make_bsr(6, (16, 16), 3, 4, g)
         torch.library.opcheck(torch.ops.peft_ext.bsr_linear, cuda(x.to(dtype), crow, col, v.to(dtype), k, b))
     w = torch.randn(12, 40, generator=g)
-    crow, col, v = ref.compress_csr(w, torch.rand(12, 40, generator=g) < 0.3)
+    crow, col, v = formats.compress_csr(w, torch.rand(12, 40, generator=g) < 0.3)
     torch.library.opcheck(torch.ops.peft_ext.csr_linear, cuda(torch.randn(3, 40, generator=g), crow, col, v, 40, None))
 
 

@@ -2,14 +2,10 @@
 import torch
 from torch import nn
 
-from .. import ops
+from .._modules import is_conv1d
+from ..ops import int8 as ops
 
 MODES = ("dynamic", "weight_only")
-
-
-def _is_conv1d(module) -> bool:
-    # transformers' GPT-2 style Conv1D: weight [in, out], y = x @ W + b.
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
 
 
 class Int8Linear(nn.Module):
@@ -43,7 +39,7 @@ class Int8Linear(nn.Module):
     @classmethod
     def from_linear(cls, linear, mode="dynamic"):
         """Quantize an nn.Linear (or transformers Conv1D) into a new Int8Linear."""
-        conv1d = _is_conv1d(linear)
+        conv1d = is_conv1d(linear)
         weight = linear.weight.t() if conv1d else linear.weight
         out_features, in_features = weight.shape
         has_bias = linear.bias is not None
@@ -68,7 +64,8 @@ class Int8Linear(nn.Module):
         weight = self.dequantized_weight(dtype)
         device = self.weight.device
         if self._source == "conv1d":
-            from transformers.pytorch_utils import Conv1D
+            # transformers is optional: only a layer that came from a Conv1D needs it.
+            from transformers.pytorch_utils import Conv1D  # noqa: PLC0415
 
             layer = Conv1D(self.out_features, self.in_features).to(device=device, dtype=dtype)
             layer.weight.data.copy_(weight.t())

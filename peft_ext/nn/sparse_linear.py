@@ -3,9 +3,9 @@ stored compressed and multiplied by kernels that skip the zeros."""
 import torch
 from torch import nn
 
-from .. import reference as ref
-from .. import sparse_ops
-from .int8_linear import _is_conv1d
+from .. import formats
+from .._modules import is_conv1d
+from ..ops import sparse as sparse_ops
 
 PATTERNS = ("2:4", "block", "unstructured")
 
@@ -108,7 +108,7 @@ class SparseLinear(nn.Module):
         """Compress an nn.Linear (or transformers Conv1D). mask (bool [out, in],
         True = kept) defaults to the weight's non-zeros; for "2:4" it must keep
         at most two of every four weights of a row (prune first: peft_ext.prune)."""
-        conv1d = _is_conv1d(linear)
+        conv1d = is_conv1d(linear)
         w = (linear.weight.t() if conv1d else linear.weight).detach()
         out_f, in_f = w.shape
         mask = (w != 0) if mask is None else mask.to(device=w.device, dtype=torch.bool)
@@ -127,13 +127,13 @@ class SparseLinear(nn.Module):
         module = cls(in_f, out_f, bias=linear.bias is not None, pattern=pattern, block=block, nnz=nnz,
                      train_values=train_values, device=w.device, dtype=w.dtype)
         if pattern == "2:4":
-            parts = ref.compress_24(w, mask)
+            parts = formats.compress_24(w, mask)
             names = ("values", "indices")
         elif pattern == "block":
-            parts = ref.compress_bsr(w, mask, module.block)
+            parts = formats.compress_bsr(w, mask, module.block)
             names = ("crow", "col", "values")
         else:
-            parts = ref.compress_csr(w, mask)
+            parts = formats.compress_csr(w, mask)
             names = ("crow", "col", "values")
         with torch.no_grad():
             for name, t in zip(names, parts):
@@ -156,16 +156,17 @@ class SparseLinear(nn.Module):
     def dense_weight(self):
         v = self.values.detach()
         if self.pattern == "2:4":
-            return ref.decompress_24(v, self.indices)
+            return formats.decompress_24(v, self.indices)
         if self.pattern == "block":
-            return ref.decompress_bsr(self.crow, self.col, v, self.in_features)
-        return ref.decompress_csr(self.crow, self.col, v, self.in_features)
+            return formats.decompress_bsr(self.crow, self.col, v, self.in_features)
+        return formats.decompress_csr(self.crow, self.col, v, self.in_features)
 
     def to_linear(self):
         """An nn.Linear (or the original Conv1D) with the densified weight."""
         weight = self.dense_weight()
         if self._source == "conv1d":
-            from transformers.pytorch_utils import Conv1D
+            # transformers is optional: only a layer that came from a Conv1D needs it.
+            from transformers.pytorch_utils import Conv1D  # noqa: PLC0415
 
             layer = Conv1D(self.out_features, self.in_features).to(device=weight.device, dtype=weight.dtype)
             layer.weight.data.copy_(weight.t())

@@ -1,23 +1,10 @@
-"""Thin Python wrappers over torch.ops.peft_ext: fake kernels for tracing,
-autograd formulas, and the conversion-time weight quantizer."""
+"""The int8 ops: thin wrappers over torch.ops.peft_ext, fake kernels for
+tracing, autograd formulas, and the conversion-time weight quantizer."""
 import torch
 
-from . import _C  # noqa: F401  (loads the library and registers the ops)
+from .. import _C  # noqa: F401  (loads the library and registers the ops)
 
 _ops = torch.ops.peft_ext
-
-FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-def build_info() -> dict:
-    """Facts about the compiled library: CPU ISA in use, CUDA archs built."""
-    return dict(item.split("=", 1) for item in _ops.build_info().split(";") if item)
-
-
-def set_cpu_isa(isa: str) -> None:
-    """Lower the CPU kernels to "scalar" (or restore "avx2"); for tests and comparisons."""
-    _ops.set_cpu_isa(isa)
-
 
 def quantize_weight(weight: torch.Tensor):
     """Symmetric per-output-channel int8: scale = absmax / 127, q = round(w / scale).
