@@ -1,5 +1,7 @@
-"""Pure-PyTorch references of every peft_ext op. Tests compare the kernels
-against these; they also document the exact arithmetic each kernel performs."""
+"""Pure-PyTorch references of every peft_ext op: oracles for tests and
+benchmarks only (no production code, no kernel's backward, imports this).
+Tests compare the kernels against these; they also document the exact
+arithmetic each kernel performs."""
 import torch
 
 
