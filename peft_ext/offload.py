@@ -78,10 +78,11 @@ class OffloadPlan:
 
     def __str__(self):
         lines = table([("module", "bytes", "copy ms", "compute ms", "placement")] +
-                       [(r.name, human_bytes(r.bytes), f"{r.copy_ms:.3f}", f"{r.compute_ms:.3f}", r.placement)
-                        for r in self.rows])
+                      [(r.name, human_bytes(r.bytes), f"{r.copy_ms:.3f}", f"{r.compute_ms:.3f}", r.placement)
+                       for r in self.rows])
         lines += ["", f"device {self.device}: resident {human_bytes(self.resident_bytes)} + ring "
-                      f"{human_bytes(self.ring_bytes)} (depth {self.depth}) of {human_bytes(self.max_resident_bytes)}; "
+                      f"{human_bytes(self.ring_bytes)} (depth {self.depth}) of "
+                      f"{human_bytes(self.max_resident_bytes)}; "
                       f"streams {human_bytes(self.streamed_bytes_per_forward)} per forward at "
                       f"{self.bandwidth_gbps:.2f} GB/s: {self.expected_copy_s * 1e3:.2f} ms of copies, "
                       f"about {self.expected_exposed_s * 1e3:.2f} ms not hidden by compute"]

@@ -76,7 +76,8 @@ class PatchReport:
         ratio = self.bytes_before / self.bytes_after if self.bytes_after else float("nan")
         lines.append("")
         lines.append(f"replaced {len(self.replaced)} module(s), left {len(self.skipped)} alone; "
-                     f"weights {human_bytes(self.bytes_before)} -> {human_bytes(self.bytes_after)} ({ratio:.2f}x smaller)")
+                     f"weights {human_bytes(self.bytes_before)} -> {human_bytes(self.bytes_after)} "
+                     f"({ratio:.2f}x smaller)")
         return "\n".join(lines)
 
 

@@ -84,30 +84,37 @@ def _sparse24_backward(ctx, grad):
     return gx, gv, None, gb
 
 
-def _csr_backward(ctx, grad):
-    x, crow, col, values, _ = ctx.saved_tensors
-    (in_features,) = ctx.extra
-    w = formats.decompress_csr(crow, col, values, in_features)
-    gv = None
-    if ctx.needs_input_grad[3]:
-        rows = torch.repeat_interleave(torch.arange(crow.numel() - 1, device=x.device), crow.diff())
-        gv = _dense_grad_w(x, grad)[rows, col.long()].to(values.dtype)
-    gx, gv, gb = _finish(ctx, grad, x, w, gv)
-    return gx, None, None, gv, None, gb
+def _block_rows(crow):
+    """The block row (CSR: the row) of every stored entry."""
+    return torch.repeat_interleave(torch.arange(crow.numel() - 1, device=crow.device), crow.diff())
 
 
-def _bsr_backward(ctx, grad):
-    x, crow, col, values, _ = ctx.saved_tensors
-    (in_features,) = ctx.extra
-    w = formats.decompress_bsr(crow, col, values, in_features)
-    gv = None
-    if ctx.needs_input_grad[3]:
-        nnzb, bh, bw = values.shape
-        gw = _dense_grad_w(x, grad).reshape(crow.numel() - 1, bh, in_features // bw, bw).permute(0, 2, 1, 3)
-        rows = torch.repeat_interleave(torch.arange(crow.numel() - 1, device=x.device), crow.diff())
-        gv = gw[rows, col.long()].to(values.dtype)
-    gx, gv, gb = _finish(ctx, grad, x, w, gv)
-    return gx, None, None, gv, None, gb
+def _csr_values_grad(gw, crow, col, values, in_features):
+    return gw[_block_rows(crow), col.long()]
+
+
+def _bsr_values_grad(gw, crow, col, values, in_features):
+    nnzb, bh, bw = values.shape
+    blocks = gw.reshape(crow.numel() - 1, bh, in_features // bw, bw).permute(0, 2, 1, 3)
+    return blocks[_block_rows(crow), col.long()]
+
+
+def _compressed_backward(decompress, values_grad):
+    """backward of an op (x, crow, col, values, in_features, bias)."""
+    def backward(ctx, grad):
+        x, crow, col, values, _ = ctx.saved_tensors
+        (in_features,) = ctx.extra
+        w = decompress(crow, col, values, in_features)
+        gv = None
+        if ctx.needs_input_grad[3]:
+            gv = values_grad(_dense_grad_w(x, grad), crow, col, values, in_features).to(values.dtype)
+        gx, gv, gb = _finish(ctx, grad, x, w, gv)
+        return gx, None, None, gv, None, gb
+    return backward
+
+
+_csr_backward = _compressed_backward(formats.decompress_csr, _csr_values_grad)
+_bsr_backward = _compressed_backward(formats.decompress_bsr, _bsr_values_grad)
 
 
 torch.library.register_autograd("peft_ext::sparse24_linear", _sparse24_backward, setup_context=_setup(1))
