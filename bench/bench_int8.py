@@ -256,7 +256,6 @@ def test_linear_cuda(benchmark, cuda_weights, roofline_cuda, k, n, impl, m):
         benchmark.group = GROUP
         benchmark.extra_info.update(
             op="linear", impl=impl, shape=f"{k}x{n}", dtype="bfloat16", M=m, device="cuda", regime="cold",
-            baseline="bf16_linear" if impl == "peft_ext_weight_only" or not int_mm_allowed(m, k, n)
-            else ("torch_int_mm" if impl == "peft_ext_dynamic" else "bf16_linear"),
+            baseline="torch_int_mm" if impl == "peft_ext_dynamic" and int_mm_allowed(m, k, n) else "bf16_linear",
             accuracy=accuracy, bound_s=bound, bound=bound_kind, calls=calls, timing=mode, copies=len(weights))
         harness.cuda_pedantic(benchmark, run, rounds=5 if QUICK else 15)

@@ -259,7 +259,8 @@ def main(argv=None):
             written.append(name + ".md")
         if not args.no_plot:
             try:
-                if plot(rows, name + ".png", f"{concept} ({device}): {machine.get('cpu') if device == 'cpu' else machine.get('gpu')}"):
+                where = machine.get("cpu") if device == "cpu" else machine.get("gpu")
+                if plot(rows, name + ".png", f"{concept} ({device}): {where}"):
                     written.append(name + ".png")
             except ImportError:
                 print("matplotlib is not installed: no plot", file=sys.stderr)
