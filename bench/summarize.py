@@ -153,7 +153,7 @@ def header(machine):
     roof = []
     if "cpu_read_bytes_per_s" in machine:
         roof.append(f"CPU read {machine['cpu_read_bytes_per_s'] / 1e9:.1f} GB/s, fp32 "
-                    f"{machine['cpu_fp32_flops'] / 1e9:.0f} GFLOP/s, int8 {machine['cpu_int8_ops'] / 1e9:.0f} GOP/s "
+                    f"{machine['cpu_fp32_flops'] / 1e9:.3g} GFLOP/s, int8 {machine['cpu_int8_ops'] / 1e9:.3g} GOP/s "
                     f"(best of {', '.join(machine.get('cpu_int8_ops_all', {}))}: {machine.get('cpu_int8_ops_from')})")
     if "cuda_copy_bytes_per_s" in machine:
         roof.append(f"GPU copy {machine['cuda_copy_bytes_per_s'] / 1e9:.0f} GB/s, bf16 "
@@ -162,6 +162,14 @@ def header(machine):
     if roof:
         parts.append("Roofline (measured): " + "; ".join(roof))
     return "  \n".join(parts)
+
+
+def _minor_label(v, _):
+    """Label 2x and 5x (times a power of ten) on a log axis, not every minor tick."""
+    if v <= 0:
+        return ""
+    mantissa = v / 10 ** math.floor(math.log10(v) + 1e-9)
+    return f"{v:g}x" if round(mantissa, 6) in (2, 5) else ""
 
 
 def plot(rows, path, title):
@@ -195,7 +203,7 @@ def plot(rows, path, title):
 
         ms = list(OrderedDict.fromkeys(x_of(r) for r in rs))
         med = {(x_of(r), r["impl"]): r["median_s"] for r in rs}
-        for peer in OrderedDict.fromkeys(r["impl"] for r in rs if r["impl"] != ours):
+        for peer in OrderedDict.fromkeys(r["impl"] for r in rs if not is_ours(r["impl"])):
             pts = [(m, med[(m, peer)] / med[(m, ours)]) for m in ms if (m, peer) in med and (m, ours) in med]
             if not pts:
                 continue
@@ -213,7 +221,7 @@ def plot(rows, path, title):
         ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_yscale("log")
         ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}x"))
-        ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}x"))
+        ax.yaxis.set_minor_formatter(FuncFormatter(_minor_label))
         ax.set_xlabel("M" if numeric else "case")
         ax.set_ylabel(f"{ours} speed-up")
         ax.set_title(" ".join(str(p) for p in (op, regime, dtype, shape) if p), fontsize=9)
