@@ -20,6 +20,9 @@ import os
 import sys
 from collections import OrderedDict, defaultdict
 
+# Extra fields worth a word in the table cell, with their format.
+SHOWN = (("overlap_efficiency", "efficiency {:.2f}"), ("gbps", "{:.1f} GB/s"),
+         ("overhead_per_batch_us", "+{:.0f} us per batch"), ("tokens_per_s", "{:.0f} tokens/s"))
 REQUIRED = ("op", "impl", "shape", "dtype", "M", "baseline", "accuracy")
 # Rows that are the same case measured by different implementations.
 CASE = ("device", "op", "regime", "shape", "dtype", "M")
@@ -122,6 +125,9 @@ def table(machine, rows):
                 text = _fmt_s(r["median_s"])
                 if r["ratio"] is not None and r["baseline"] != impl:
                     text += f" ({r['ratio']:.2f}x {r['baseline']})"
+                for key, fmt in SHOWN:
+                    if isinstance(r.get(key), (int, float)):
+                        text += ", " + fmt.format(r[key])
                 if r.get("fraction_of_bound") is not None:
                     text += f", {100 * r['fraction_of_bound']:.0f}% of {r['bound']} bound"
                 cells.append(f"**{text}**" if is_ours(impl) else text)
