@@ -21,8 +21,10 @@ Accuracy: SQNR (dB) of each output against float64 with the unquantized weight.
 Roofline: each row's floor is max(bytes read / measured read bandwidth,
 2*M*N*K / measured peak of its arithmetic), see harness.roofline_*.
 """
+import contextlib
 import copy
 import math
+import os
 import warnings
 
 import pytest
@@ -44,8 +46,13 @@ GROUP = "int8"
 K = N = 256 if QUICK else 4096
 MS = [1, 16] if QUICK else [1, 16, 128, 512]
 REGIMES = ["hot", "cold"]
+# PEFT_EXT_BENCH_ISAS=scalar,avx2,...: measure ours on each of these CPU tiers in the same run
+# (impl names get the tier as a suffix); unset: the tier in use only, plain names.
+ISAS = [t for t in os.environ.get("PEFT_EXT_BENCH_ISAS", "").split(",") if t]
+OURS = [f"{impl}_{isa}" for impl in ("peft_ext_dynamic", "peft_ext_weight_only") for isa in ISAS] or [
+    "peft_ext_dynamic", "peft_ext_weight_only"]
 IMPLS = ["fp32_linear", "fbgemm_dynamic", "aten_weight_int8pack_mm", "torchao_int8_dynamic",
-         "torchao_int8_weight_only", "peft_ext_dynamic", "peft_ext_weight_only"]
+         "torchao_int8_weight_only", *OURS]
 # What each row's `ratio` compares against (the plot shows every peer).
 BASELINE = {"peft_ext_dynamic": "fbgemm_dynamic", "peft_ext_weight_only": "aten_weight_int8pack_mm"}
 # Which measured peak bounds an implementation's arithmetic.
@@ -96,6 +103,30 @@ def weight_bytes(impl, k, n):
     return 4 * n * k if impl == "fp32_linear" else n * k + 4 * n
 
 
+def split_isa(impl):
+    """("peft_ext_dynamic", "avx2") for "peft_ext_dynamic_avx2" when tiers are listed."""
+    for isa in ISAS:
+        if impl.endswith("_" + isa) and impl.startswith("peft_ext"):
+            return impl[: -len(isa) - 1], isa
+    return impl, None
+
+
+@contextlib.contextmanager
+def cpu_isa(isa):
+    if isa is None:
+        yield
+        return
+    before = ops.build_info()["cpu_isa"]
+    try:
+        ops.set_cpu_isa(isa)
+    except (RuntimeError, ValueError) as exc:
+        pytest.skip(f"tier {isa} is not available here: {exc}")
+    try:
+        yield
+    finally:
+        ops.set_cpu_isa(before)
+
+
 class Layers:
     """Built on first use: one hot layer per implementation, and cold copies."""
 
@@ -105,6 +136,7 @@ class Layers:
         self.cache = {}
 
     def get(self, impl, regime):
+        impl = split_isa(impl)[0]  # one set of layers for every tier
         key = (impl, regime)
         if key not in self.cache:
             make = MAKERS[impl]
@@ -140,19 +172,20 @@ def test_linear_cpu(benchmark, layers, roofline, impl, regime, m):
     torch.manual_seed(m)
     x = torch.randn(m, K)
     slow = impl.startswith("torchao") and m >= 128
-    with torch.inference_mode():
+    kind, isa = split_isa(impl)
+    with torch.inference_mode(), cpu_isa(isa):
         lin = layers.lin
         exact = x.double() @ lin.weight.double().t() + lin.bias.double()
         accuracy = harness.sqnr_db(exact, layers.get(impl, "hot")(x))
-        ops_per_s = roofline["cpu_int8_ops" if impl in INT8_MATH else "cpu_fp32_flops"]
-        bytes_read = weight_bytes(impl, K, N) + 4 * m * K + 4 * m * N
+        ops_per_s = roofline["cpu_int8_ops" if kind in INT8_MATH else "cpu_fp32_flops"]
+        bytes_read = weight_bytes(kind, K, N) + 4 * m * K + 4 * m * N
         bound, bound_kind = harness.bound_seconds(bytes_read, 2 * m * N * K,
                                                   roofline["cpu_read_bytes_per_s"], ops_per_s)
         benchmark.group = GROUP
         benchmark.extra_info.update(
             op="linear", impl=impl, shape=f"{K}x{N}", dtype="float32", M=m, device="cpu", regime=regime,
-            baseline=BASELINE.get(impl, "fp32_linear"), accuracy=accuracy, bound_s=bound, bound=bound_kind,
-            copies=getattr(fn, "n", 1))
+            baseline=BASELINE.get(kind, "fp32_linear"), accuracy=accuracy, bound_s=bound, bound=bound_kind,
+            copies=getattr(fn, "n", 1), isa=(isa or ops.build_info()["cpu_isa"]) if kind.startswith("peft_ext") else None)
         rounds = 2 if QUICK else 3 if slow else (10 if m >= 128 else 50)
         benchmark.pedantic(fn, args=(x,), warmup_rounds=1 if (slow or QUICK) else 3, rounds=rounds)
 
