@@ -185,7 +185,8 @@ def test_linear_cpu(benchmark, layers, roofline, impl, regime, m):
         benchmark.extra_info.update(
             op="linear", impl=impl, shape=f"{K}x{N}", dtype="float32", M=m, device="cpu", regime=regime,
             baseline=BASELINE.get(kind, "fp32_linear"), accuracy=accuracy, bound_s=bound, bound=bound_kind,
-            copies=getattr(fn, "n", 1), isa=(isa or ops.build_info()["cpu_isa"]) if kind.startswith("peft_ext") else None)
+            copies=getattr(fn, "n", 1),
+            isa=(isa or ops.build_info()["cpu_isa"]) if kind.startswith("peft_ext") else None)
         rounds = 2 if QUICK else 3 if slow else (10 if m >= 128 else 50)
         benchmark.pedantic(fn, args=(x,), warmup_rounds=1 if (slow or QUICK) else 3, rounds=rounds)
 
