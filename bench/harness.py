@@ -16,6 +16,7 @@ import platform
 import statistics
 import subprocess
 import time
+import warnings
 
 import pytest
 import torch
@@ -270,7 +271,9 @@ def roofline_cpu() -> dict:
     try:
         from torch.ao.nn.quantized.dynamic import Linear as QLinear
 
-        ql = QLinear(k, nn_)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch.ao's quantized tensors are deprecated; still the peer
+            ql = QLinear(k, nn_)
         int8["fbgemm_dynamic"] = flops / cpu_seconds(lambda: ql(a))
     except (ImportError, RuntimeError):
         pass
