@@ -132,19 +132,24 @@ def distillation_loss(student_logits, teacher_logits, labels=None, *, temperatur
     labels = _check_labels(labels, lead_shape, alpha, student_logits.device)
 
     dtype = _compute_dtype(student_logits, teacher_logits)
-    s = student_logits.reshape(-1, vocab).to(dtype)
+    s = student_logits.reshape(-1, vocab)
+    t = teacher_logits.detach().reshape(-1, vocab)
     valid = None if labels is None else labels != ignore_index
+    rows = None
+    if valid is not None and not bool(valid.all()):
+        # Drop ignored rows before any arithmetic: masking afterwards would still send
+        # 0 * NaN = NaN gradients through a NaN (or inf) logit at an ignored position.
+        rows = valid.nonzero().squeeze(1)
+        s, t, labels = s[rows], t[rows], labels[rows]
+    s = s.to(dtype)
     per_token = s.new_zeros(s.shape[0])
     if alpha > 0:
-        t = teacher_logits.detach().reshape(-1, vocab).to(dtype)
         c = temperature ** 2 if scale_by_t2 else 1.0
-        per_token = per_token + (alpha * c) * _kd_per_token(s / temperature, t / temperature, kind)
+        per_token = per_token + (alpha * c) * _kd_per_token(s / temperature, t.to(dtype) / temperature, kind)
     if alpha < 1:
-        ce = F.cross_entropy(s, labels, ignore_index=ignore_index, reduction="none")
-        per_token = per_token + (1.0 - alpha) * ce
-    if valid is not None:
-        # where, not multiply: a NaN at an ignored position must not leak into the loss
-        per_token = torch.where(valid, per_token, per_token.new_zeros(()))
+        per_token = per_token + (1.0 - alpha) * F.cross_entropy(s, labels, reduction="none")
+    if rows is not None and reduction == "none":
+        per_token = per_token.new_zeros(valid.shape).index_put((rows,), per_token)
     return _reduce(per_token, valid, reduction, lead_shape)
 
 
