@@ -47,6 +47,7 @@ from torch.nn.modules.batchnorm import _NormBase
 from torch.nn.modules.module import register_module_module_registration_hook
 
 from ._report import human_bytes, table
+from .ops import build_info
 from .prefetch import Prefetcher, _resolve_device
 
 log = logging.getLogger(__name__)
@@ -447,16 +448,17 @@ def _swap_watcher(ref):
 
 def _default_device():
     """The available accelerator (torch.accelerator) when offload() can use it
-    (CUDA), else the CPU."""
+    (CUDA, with a CUDA build of peft_ext), else the CPU."""
     acc = getattr(torch, "accelerator", None)
     if acc is not None and acc.is_available():
         kind = acc.current_accelerator().type
     else:
         kind = "cuda" if torch.cuda.is_available() else "cpu"
-    if kind == "cuda":
+    if kind == "cuda" and build_info().get("cuda") == "1":
         return torch.device("cuda")
     if kind != "cpu":
-        log.warning("offload: a %s accelerator is available but peft_ext supports CUDA only; using the CPU", kind)
+        log.warning("offload: a %s accelerator is available but peft_ext%s cannot use it; using the CPU", kind,
+                    " (built without CUDA)" if kind == "cuda" else "")
     return torch.device("cpu")
 
 
