@@ -216,7 +216,7 @@ def _convert(child, name, mode, pruned, pattern, block, report):
             if not use_sparse:
                 # Masked training keeps a dense pruned layer's zeros; the
                 # handle lives as long as the weight does.
-                MaskHandle(child.weight, mask.t() if is_conv1d(child) else mask)
+                MaskHandle(child.weight, mask.t() if is_conv1d(child) else mask, child)
                 layer_report.path = kernel
                 out_f, in_f = mask.shape
                 report.replaced.append(Replaced(name, type(child).__name__, type(child).__name__ + "[pruned]",

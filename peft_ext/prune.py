@@ -18,18 +18,28 @@ weights of an output row; "unstructured" prunes the lowest scores per layer
 (scope="global", scores normalised by each layer's sum); "block" scores each
 block (bh x bw, default 16 x 16, over [out, in]) by its summed score and drops
 the lowest blocks per layer.
+
+Every comparison group keeps at least one weight: a layer (scope="layer",
+"global", block), a row (scope="row"), so sparsity=0.999999 never empties a
+layer. Layers that share one weight (tied, `b.weight = a.weight`) are scored
+once, with the calibration of both (Wanda: the input norms of every call),
+and get one mask; the report lists each name and counts the weight once.
+Calibration batches and the signals they produce must be finite: NaN or inf
+is refused with a ValueError before any weight changes.
 """
+import weakref
 import logging
 from dataclasses import dataclass, field
 from typing import List
 
 import torch
 from torch import nn
+from torch.utils import _pytree as pytree
 from tqdm import tqdm
 
 from ._modules import is_conv1d, select_linears
 from ._report import table
-from .masking import MaskHandle
+from .masking import MaskHandle, handles_of
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +56,7 @@ class PrunedLayer:
     score: str
     sparsity: float  # fraction of zeros reached
     path: str = ""  # filled by patch(): which kernel runs this layer
+    tied_to: str = ""  # the layer this one shares its weight with (counted once)
 
 
 @dataclass
@@ -55,21 +66,27 @@ class PruneReport:
 
     layers: List[PrunedLayer] = field(default_factory=list)
     masks: dict = field(default_factory=dict, repr=False)  # name -> bool mask [out, in]
-    _handles: list = field(default_factory=list, repr=False)
+    # Weak: the masks live with the model's modules, not with the report.
+    _modules: list = field(default_factory=list, repr=False)
 
     def __len__(self):
         return len(self.layers)
 
     @property
     def sparsity(self) -> float:
-        total = sum(r.out_features * r.in_features for r in self.layers)
-        zeros = sum(r.sparsity * r.out_features * r.in_features for r in self.layers)
+        own = [r for r in self.layers if not r.tied_to]
+        total = sum(r.out_features * r.in_features for r in own)
+        zeros = sum(r.sparsity * r.out_features * r.in_features for r in own)
         return zeros / total if total else 0.0
 
     def remove_masks(self):
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
+        """Stop masked training of every layer this report pruned, also those
+        patch(prune=...) kept dense (any mask on their weight is removed)."""
+        for ref in self._modules:
+            module = ref()
+            if module is not None:
+                for h in handles_of(module):
+                    h.remove()
 
     def __str__(self):
         rows = [("module", "shape (out x in)", "pattern", "score", "sparsity") +
@@ -150,6 +167,9 @@ def _calibrate(model, layers, batches, need_norms, need_grads, loss_fn):
         for name, mod in layers.items():
             def hook(module, args, name=name):
                 x = args[0]
+                if x.is_floating_point() and not torch.isfinite(x).all():
+                    raise ValueError(f"{name}: calibration input holds NaN or inf (a non-finite "
+                                     f"activation); cannot score the weights")
                 if x.shape[-1] != sq[name].numel():
                     raise ValueError(f"{name}: calibration input has {x.shape[-1]} features, "
                                      f"the layer expects {sq[name].numel()}")
@@ -159,6 +179,7 @@ def _calibrate(model, layers, batches, need_norms, need_grads, loss_fn):
     model.eval()
     try:
         for i, batch in enumerate(tqdm(batches, desc="calibrating", unit="batch", disable=len(batches) < 8)):
+            _check_finite(batch, i)
             try:
                 if not need_grads:
                     with torch.no_grad():
@@ -177,6 +198,9 @@ def _calibrate(model, layers, batches, need_norms, need_grads, loss_fn):
                         w.requires_grad_(f)
                 for name, g in zip(layers, gs):
                     if g is not None:
+                        if not torch.isfinite(g).all():
+                            raise ValueError(f"{name}: the gradient of calibration batch {i} holds NaN or "
+                                             f"inf; cannot score the weights")
                         grads[name] += g.float()
             except ValueError:
                 raise
@@ -189,6 +213,31 @@ def _calibrate(model, layers, batches, need_norms, need_grads, loss_fn):
             m.train(t)
     norms = {name: s.sqrt().float() for name, s in sq.items()}
     return norms, grads
+
+
+def _check_finite(batch, i):
+    for leaf in pytree.tree_leaves(batch):
+        if isinstance(leaf, torch.Tensor) and leaf.is_floating_point() and not torch.isfinite(leaf).all():
+            raise ValueError(f"calib_data: batch {i} holds NaN or inf; calibration needs finite inputs")
+
+
+def _tie_groups(layers):
+    """{first name: [names sharing that weight]} in walk order."""
+    first, groups = {}, {}
+    for name, mod in layers.items():
+        key = id(mod.weight)
+        first.setdefault(key, name)
+        groups.setdefault(first[key], []).append(name)
+    return groups
+
+
+def _merge_ties(groups, norms, grads):
+    """One calibration signal per shared weight. Wanda: the input norms of
+    every module using it, combined; gradients: autograd already returned the
+    weight's whole gradient for each name, so the first one is it."""
+    for lead, names in groups.items():
+        if len(names) > 1 and lead in norms:
+            norms[lead] = torch.stack([norms[n] for n in names]).pow(2).sum(0).sqrt()
 
 
 def _score(mod, name, score, norms, grads):
@@ -216,7 +265,9 @@ def _data_score(mod, w, name, score, norms, grads):
 
 
 def _lowest_mask(s, k):
-    """Bool mask (True = kept) of s with the k lowest entries (ties by position) dropped."""
+    """Bool mask (True = kept) of s with the k lowest entries (ties by position)
+    dropped; at least one entry is always kept."""
+    k = min(k, s.numel() - 1)
     mask = torch.ones(s.numel(), dtype=torch.bool, device=s.device)
     if k > 0:
         mask[torch.argsort(s.flatten(), stable=True)[:k]] = False
@@ -236,7 +287,7 @@ def _mask(s, kind, n, m, block, sparsity, scope):
         keep = _lowest_mask(bs, round(sparsity * bs.numel()))
         return keep.repeat_interleave(bh, 0).repeat_interleave(bw, 1)
     if scope == "row":
-        k = round(sparsity * in_f)
+        k = min(round(sparsity * in_f), in_f - 1)  # a row keeps at least one weight
         order = torch.argsort(s, dim=1, stable=True)[:, :k]
         return torch.ones_like(s, dtype=torch.bool).scatter_(1, order, False)
     return _lowest_mask(s, round(sparsity * s.numel()))
@@ -270,6 +321,7 @@ def prune(model: nn.Module, sparsity: float = 0.5, pattern: str = "2:4", score: 
               if reason is None}
     for name, child in layers.items():
         _check_layer(name, _weight_oi(child), kind, n, m, block, sparsity)
+    groups = _tie_groups(layers)
     batches = _batches(calib_data)
     if score != "magnitude" and not batches:
         raise ValueError(f"score={score!r} needs calib_data (batches of model inputs)")
@@ -277,7 +329,8 @@ def prune(model: nn.Module, sparsity: float = 0.5, pattern: str = "2:4", score: 
     if score != "magnitude" and layers:
         norms, grads = _calibrate(model, layers, batches, score == "wanda", score in ("gradient", "taylor"),
                                   loss_fn)
-    scored = {name: _score(mod, name, score, norms, grads) for name, mod in layers.items()}
+        _merge_ties(groups, norms, grads)
+    scored = {name: _score(layers[name], name, score, norms, grads) for name in groups}
     scores = {name: s for name, (s, _) in scored.items()}
     masks = {}
     if kind == "unstructured" and scope == "global" and scores:
@@ -285,21 +338,31 @@ def prune(model: nn.Module, sparsity: float = 0.5, pattern: str = "2:4", score: 
         keep = _lowest_mask(flat, round(sparsity * flat.numel()))
         start = 0
         for name, s in scores.items():
-            masks[name] = keep[start:start + s.numel()].view(s.shape)
+            masks[name] = keep[start:start + s.numel()].view(s.shape).clone()
+            if not masks[name].any():  # every layer keeps at least its best weight
+                masks[name].view(-1)[s.argmax()] = True
             start += s.numel()
     else:
         masks = {name: _mask(s, kind, n, m, block, sparsity, scope) for name, s in scores.items()}
-    report = PruneReport(masks=masks)
+    for lead, names in groups.items():
+        for name in names[1:]:
+            masks[name] = masks[lead]
+    report = PruneReport(masks={name: masks[name] for name in layers})
     label = f"block {block[0]}x{block[1]}" if kind == "block" else pattern
+    lead_of = {name: lead for lead, names in groups.items() for name in names}
     with torch.no_grad():
         for name, mod in layers.items():
             keep = masks[name]
             w_mask = keep.t() if is_conv1d(mod) else keep
-            mod.weight.mul_(w_mask.to(mod.weight.dtype))
+            lead = lead_of[name]
+            if lead == name:  # where, not multiply: an inf weight that is pruned becomes 0, not NaN
+                mod.weight.masked_fill_(~w_mask, 0)
             reached = 1 - keep.float().mean().item()
             out_f, in_f = keep.shape
-            report.layers.append(PrunedLayer(name, out_f, in_f, label, scored[name][1], reached))
+            report.layers.append(PrunedLayer(name, out_f, in_f, label, scored[lead][1], reached,
+                                             tied_to="" if lead == name else lead))
+            report._modules.append(weakref.ref(mod))
             if masked_training:
-                report._handles.append(MaskHandle(mod.weight, w_mask))
+                MaskHandle(mod.weight, w_mask, mod)
     log.info("pruned %d layers to %.1f%% zeros (%s, %s)", len(layers), 100 * report.sparsity, label, score)
     return report

@@ -187,3 +187,62 @@ def test_wanda_beats_magnitude_on_minilm():
         cos[score] = nn.functional.cosine_similarity(emb, ref, dim=1).mean().item()
         model.load_state_dict(state)
     assert cos["wanda"] > cos["magnitude"] + 0.03, cos
+
+
+def test_calibration_with_nan_or_inf_is_refused():
+    for bad in (float("nan"), float("inf")):
+        model = toy()
+        before = weights(model)
+        batches = calib(2)
+        batches[1][0, 2, 5] = bad
+        for score in ("wanda", "taylor"):
+            with pytest.raises(ValueError, match="batch 1 holds NaN or inf"):
+                peft_ext.prune(model, 0.5, "2:4", score=score, calib_data=batches)
+        assert all(torch.equal(before[k], model.state_dict()[k]) for k in before)
+
+
+def test_pruned_inf_weights_become_zero_not_nan():
+    lin = nn.Linear(8, 3)
+    with torch.no_grad():
+        lin.weight[0, :4] = torch.tensor([float("inf"), float("inf"), float("-inf"), 1.0])
+    peft_ext.prune(nn.Sequential(lin), 0.5, "2:4", exclude_modules=None)
+    w = lin.weight.detach()
+    assert not w.isnan().any()
+    assert (w == 0).sum() == 12 and w[0, :4].isinf().sum() == 2
+
+
+class Tied(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = nn.Linear(16, 8), nn.Linear(16, 8)
+        self.b.weight = self.a.weight
+
+    def forward(self, x):
+        return self.a(x[..., :16]) + self.b(x[..., 16:])
+
+
+@pytest.mark.parametrize("score", ["wanda", "taylor", "magnitude"])
+def test_tied_layers_share_one_mask_and_are_counted_once(score):
+    model = Tied()
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 32, generator=g) * torch.linspace(0.1, 3, 32)  # the two inputs differ
+    report = peft_ext.prune(model, 0.5, "unstructured", score=score, calib_data=[x], exclude_modules=None)
+    zeros = (model.a.weight == 0).float().mean().item()
+    assert zeros == 0.5
+    assert [r.sparsity for r in report.layers] == [0.5, 0.5] and report.sparsity == 0.5
+    assert torch.equal(report.masks["a"], report.masks["b"])
+    assert report.layers[1].tied_to == "a" and report.layers[1].score == score
+
+
+@pytest.mark.parametrize("pattern, scope", [("unstructured", "layer"), ("unstructured", "row"),
+                                            ("unstructured", "global"), ("block", "layer")])
+def test_sparsity_near_one_keeps_a_weight_per_group(pattern, scope):
+    model = toy()
+    report = peft_ext.prune(model, 0.999999, pattern, scope=scope, block=(4, 4))
+    for m in linears(model).values():
+        w = m.weight.detach()
+        assert (w != 0).any()
+        if scope == "row":
+            assert ((w != 0).sum(1) >= 1).all()
+    assert report.sparsity < 1
