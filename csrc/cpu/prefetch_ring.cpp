@@ -223,6 +223,63 @@ class PrefetchRing : public torch::CustomClassHolder {
     return true;
   }
 
+  // Feeder side, instead of put(): copies the batch into its slot on the
+  // calling thread (waiting, like the worker, for the slot to be free), then
+  // marks it ready. On return the source's tensors are no longer read (a
+  // pinned source uploaded directly is waited for), so the caller may refill
+  // them; and no worker wake-up sits between the feeder and the consumer.
+  // False once the ring was stopped or a copy failed (the consumer gets the
+  // error in batch order). Use either put() or put_sync() on one ring.
+  bool put_sync(std::vector<at::Tensor> tensors) {
+    State& s = *state_;
+    Pending p;
+    size_t idx = 0;
+    {
+      std::unique_lock<std::mutex> lk(s.mu);
+      TORCH_CHECK(!s.input_done, "put_sync() after finish()");
+      if (s.stop || s.error) return false;
+      p.seq = s.next_put++;
+      p.tensors = std::move(tensors);
+      idx = static_cast<size_t>(p.seq) % s.slots.size();
+      const auto t0 = Clock::now();
+      while (!s.stop && s.slots[idx].status != Status::kFree) s.work_cv.wait_for(lk, kTick);
+      s.worker_wait_s += seconds_since(t0);
+      if (s.stop) return false;
+      s.slots[idx].status = Status::kFilling;
+    }
+    Slot& slot = s.slots[idx];
+    double host_s = 0, h2d_s = 0;
+    try {
+      at::NoGradGuard no_grad;
+      host_s = fill(s, slot, p);
+      if (!slot.uploading.empty()) h2d_s = slot.mem->device->wait_uploaded();
+    } catch (c10::Error& e) {
+      e.add_context("in the prefetch worker, copying batch " + std::to_string(p.seq));
+      std::lock_guard<std::mutex> lk(s.mu);
+      s.error = std::current_exception();
+      s.error_seq = p.seq;
+      s.out_cv.notify_all();
+      return false;
+    } catch (...) {
+      std::lock_guard<std::mutex> lk(s.mu);
+      s.error = std::current_exception();
+      s.error_seq = p.seq;
+      s.out_cv.notify_all();
+      return false;
+    }
+    std::lock_guard<std::mutex> lk(s.mu);
+    slot.status = Status::kReady;
+    slot.seq = p.seq;
+    s.copy_s += host_s;
+    s.h2d_s += h2d_s;
+    s.batches += 1;
+    for (const Entry& e : slot.layout) s.bytes += static_cast<int64_t>(e.bytes);
+    slot.held_bytes = (slot.mem->host ? slot.mem->host->bytes : 0) +
+                      (slot.mem->device ? slot.mem->device->bytes() : 0);
+    s.out_cv.notify_all();
+    return !s.stop;
+  }
+
   // Feeder side: no more batches.
   void finish() {
     std::lock_guard<std::mutex> lk(state_->mu);
@@ -366,6 +423,7 @@ void register_prefetch_ring(torch::Library& m) {
   m.class_<PrefetchRing>("PrefetchRing")
       .def(torch::init<std::string, int64_t, bool>())
       .def("put", &PrefetchRing::put)
+      .def("put_sync", &PrefetchRing::put_sync)
       .def("finish", &PrefetchRing::finish)
       .def("next", &PrefetchRing::next)
       .def("stop", &PrefetchRing::stop)
