@@ -10,7 +10,11 @@ GIL released and, on CUDA, starts the upload on a side stream). The source is
 asked for its next batch only after the copy, so a loader that refills one
 buffer is safe. The consumer receives tensors that point into a slot; the slot
 is reused only once they are all gone, so keeping a batch is safe (the ring
-then allocates a fresh slot instead of overwriting it).
+then allocates a fresh slot instead of overwriting it). On the CPU the feeder
+also takes the batch it copied out of the ring and queues it, finished, for
+the consumer, which then gets it without calling into the ring (no GIL
+release, no thread wake-up); a consumer that finds nothing queued waits in the
+ring as before.
 """
 import logging
 import threading
@@ -41,12 +45,20 @@ class _Shared:
     """What the feeder thread shares with the consumer. The feeder never holds
     the Prefetcher itself, so dropping the Prefetcher lets GC stop it."""
 
-    __slots__ = ("rebuild", "error", "source_s")
+    __slots__ = ("rebuild", "error", "source_s", "lock", "ready", "taken")
 
     def __init__(self):
         self.rebuild = deque()
         self.error = None
         self.source_s = 0.0
+        # Taking a batch out of the ring (ring.next plus its rebuild info) is
+        # done under `lock`, by a consumer or, on the CPU, by the feeder right
+        # after its copy: it then queues the finished batch in `ready`, where
+        # the consumer picks it up without a call into the ring (no GIL
+        # release, no wake-up). `taken` counts batches taken out of the ring.
+        self.lock = threading.Lock()
+        self.ready = deque()
+        self.taken = 0
 
 
 def default_device() -> torch.device:
@@ -113,6 +125,31 @@ def _prepare(t):
     return t
 
 
+# Leaves of a flat dict / list / tuple batch that pytree would not descend
+# into: such a batch (the common {"x": ..., "y": ..., "i": 3}) is flattened
+# without pytree, which costs several microseconds a batch.
+_PLAIN_LEAVES = frozenset({torch.Tensor, int, float, bool, str, bytes, complex, type(None)})
+
+
+def _flatten_flat(batch):
+    """(leaves, spec) in pytree's order for a flat dict / list / tuple of
+    plain leaves, else None. spec is (container type, keys or None)."""
+    kind = type(batch)
+    if kind is dict:
+        leaves = list(batch.values())
+        spec = (dict, list(batch))
+    elif kind is list or kind is tuple:
+        leaves = list(batch)
+        spec = (kind, None)
+    else:
+        return None
+    plain = _PLAIN_LEAVES
+    for leaf in leaves:
+        if type(leaf) not in plain:
+            return None
+    return leaves, spec
+
+
 def _flatten(batch, device, seq):
     """(tensors the ring copies, how to rebuild the batch). Tensors already on
     the target device and non-tensor leaves stay in the rebuild info."""
@@ -125,7 +162,8 @@ def _flatten(batch, device, seq):
         why = _unfaithful(batch)
         if why is not None:
             _refuse(batch, seq, None, why)
-    leaves, spec = pytree.tree_flatten(batch)
+    flat = _flatten_flat(batch)
+    leaves, spec = flat if flat is not None else pytree.tree_flatten(batch)
     idx, tensors = [], []
     for i, leaf in enumerate(leaves):
         if isinstance(leaf, torch.Tensor) and (device.type == "cpu" or leaf.device != device):
@@ -138,6 +176,20 @@ def _flatten(batch, device, seq):
     return tensors, (leaves, spec, idx)
 
 
+def _rebuild(rebuild, tensors):
+    if rebuild is None:
+        return tensors[0]
+    leaves, spec, idx = rebuild
+    for i, t in zip(idx, tensors):
+        leaves[i] = t
+    if type(spec) is tuple:  # from _flatten_flat
+        kind, keys = spec
+        if kind is dict:
+            return dict(zip(keys, leaves))
+        return leaves if kind is list else tuple(leaves)
+    return pytree.tree_unflatten(leaves, spec)
+
+
 def _feed(ring, it, shared, device, threads):
     # A new thread starts with OpenMP's default team size, not the caller's
     # torch.set_num_threads(): the source's torch ops would then oversubscribe
@@ -146,7 +198,11 @@ def _feed(ring, it, shared, device, threads):
     # put_sync copies the batch into its slot on this thread before returning:
     # the source may then reuse its buffers, and no worker wake-up sits
     # between the source and the consumer.
-    put = ring.put_sync
+    put, take, lock, ready = ring.put_sync, ring.next, shared.lock, shared.ready
+    # On CUDA the consumer takes every batch itself: taking one makes the
+    # taker's current stream wait for the upload, and that must be the
+    # consumer's stream.
+    feeder_takes = device.type == "cpu"
     seq = 0
     try:
         while True:
@@ -163,6 +219,18 @@ def _feed(ring, it, shared, device, threads):
                 break
             tensors = None  # copied; do not pin the source's batch here
             seq += 1
+            # A consumer blocked in the ring holds the lock and takes this
+            # batch itself; otherwise take it now, unless one already did.
+            if feeder_takes and lock.acquire(False):
+                try:
+                    if shared.taken == seq - 1:
+                        status, out = take(0)
+                        if status == 0:
+                            shared.taken += 1
+                            ready.append(_rebuild(shared.rebuild.popleft(), out))
+                            out = None  # the slot is free once the consumer drops the batch
+                finally:
+                    lock.release()
     except BaseException as e:  # noqa: B036  delivered to the consumer, in order
         shared.error = e
     finally:
@@ -175,7 +243,8 @@ def _feed(ring, it, shared, device, threads):
                 log.exception("closing the source iterator failed")
 
 
-def _shutdown(ring, thread):
+def _shutdown(ring, thread, shared):
+    shared.ready.clear()  # batches taken but never asked for: free their slots
     if not ring.stop(_STOP_MS):
         log.warning("prefetch worker did not stop within %d ms; left to finish on its own", _STOP_MS)
     if thread is not threading.current_thread():
@@ -224,12 +293,12 @@ class Prefetcher:
         self._next = self._ring.next
         self._shared = _Shared()
         # One consumer at a time takes a batch and its rebuild info together.
-        self._lock = threading.Lock()
+        self._lock = self._shared.lock
         thread = threading.Thread(target=_feed, name="peft_ext-prefetch-feeder", daemon=True,
                                   args=(self._ring, iter(iterable), self._shared, self.device,
                                         torch.get_num_threads()))
         thread.start()
-        self._finalizer = weakref.finalize(self, _shutdown, self._ring, thread)
+        self._finalizer = weakref.finalize(self, _shutdown, self._ring, thread, self._shared)
         self._closed = False
         self._count = 0
         self._wait_s = 0.0
@@ -256,32 +325,33 @@ class Prefetcher:
             t0 = time.perf_counter()
             if self._t_first is None:
                 self._t_first = t0
-            try:
-                status, tensors = self._next(_POLL_MS)
-                while status == 1:
+            shared = self._shared
+            if shared.ready:
+                batch = shared.ready.popleft()
+            else:
+                try:
                     status, tensors = self._next(_POLL_MS)
-            except BaseException:
-                self.close()
-                raise
-            if status == 2:
-                error, self._shared.error = self._shared.error, None
-                self.close()
-                if error is not None:
-                    raise error
-                raise StopIteration
-            rebuild = self._shared.rebuild.popleft()
+                    while status == 1:
+                        status, tensors = self._next(_POLL_MS)
+                except BaseException:
+                    self.close()
+                    raise
+                if status == 2:
+                    error, shared.error = shared.error, None
+                    self.close()
+                    if error is not None:
+                        raise error
+                    raise StopIteration
+                rebuild = shared.rebuild.popleft()
+                shared.taken += 1
+                batch = None
             t1 = time.perf_counter()
             self._wait_s += t1 - t0
             self._count += 1
             self._t_last = t1
             if self._bar is not None:
                 self._tick()
-        if rebuild is None:
-            return tensors[0]
-        leaves, spec, idx = rebuild
-        for i, t in zip(idx, tensors):
-            leaves[i] = t
-        return pytree.tree_unflatten(leaves, spec)
+        return _rebuild(rebuild, tensors) if batch is None else batch
 
     def _tick(self):
         self._bar.update(1)

@@ -106,6 +106,24 @@ def test_nested_structures_and_passthrough():
             assert a.data_ptr() != b.data_ptr() or a.numel() == 0  # a copy in the ring
 
 
+def test_flat_batches_keep_their_container_and_order():
+    # Flat dicts, lists and tuples take a fast path around pytree; containers
+    # pytree handles differently (OrderedDict, namedtuple, nested) do not.
+    from collections import OrderedDict
+    x, y = torch.arange(3.0), torch.arange(4)
+    batches = [{"b": x, "a": 1, "c": None, "d": "s"}, [x, 2.5, y], (y, True, x), (x,), [], {},
+               OrderedDict(z=x, a=y), Pair(x, "m"), {"x": [x, y]}, {"t": (x, 1)}]
+    got = list(Prefetcher(batches, device="cpu"))
+    for g, w in zip(got, batches):
+        assert type(g) is type(w)
+        flat_g, spec_g = torch.utils._pytree.tree_flatten(g)
+        flat_w, spec_w = torch.utils._pytree.tree_flatten(w)
+        assert spec_g == spec_w and len(flat_g) == len(flat_w)
+        for a, b in zip(flat_g, flat_w):
+            assert torch.equal(a, b) if isinstance(b, torch.Tensor) else a == b
+    assert list(got[0]) == ["b", "a", "c", "d"] and list(got[6]) == ["z", "a"]
+
+
 def test_len_and_stats():
     data = [torch.randn(1000) for _ in range(20)]
     p = Prefetcher(data, device="cpu")

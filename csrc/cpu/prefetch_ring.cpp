@@ -129,7 +129,10 @@ void worker_main(std::shared_ptr<State> s) {
     size_t idx = 0;
     {
       std::unique_lock<std::mutex> lk(s->mu);
-      while (!s->stop && s->input.empty() && !s->input_done) s->work_cv.wait_for(lk, kTick);
+      // With put_sync() the worker has nothing to do: it exits rather than
+      // wake at every slot release.
+      while (!s->stop && s->input.empty() && !s->input_done && !s->sync)
+        s->work_cv.wait_for(lk, kTick);
       if (s->stop || s->input.empty()) break;
       p = std::move(s->input.front());
       s->input.pop_front();
@@ -238,6 +241,10 @@ class PrefetchRing : public torch::CustomClassHolder {
       std::unique_lock<std::mutex> lk(s.mu);
       TORCH_CHECK(!s.input_done, "put_sync() after finish()");
       if (s.stop || s.error) return false;
+      if (!s.sync) {
+        s.sync = true;
+        s.work_cv.notify_all();
+      }
       p.seq = s.next_put++;
       p.tensors = std::move(tensors);
       idx = static_cast<size_t>(p.seq) % s.slots.size();
@@ -285,6 +292,7 @@ class PrefetchRing : public torch::CustomClassHolder {
     std::lock_guard<std::mutex> lk(state_->mu);
     state_->input_done = true;
     state_->work_cv.notify_all();
+    state_->out_cv.notify_all();  // with put_sync() no worker is left to tell the consumer
   }
 
   // Consumer side: (0, tensors) for the next batch, (1, []) when nothing came
@@ -308,7 +316,7 @@ class PrefetchRing : public torch::CustomClassHolder {
           s.consumer_wait_s += seconds_since(t0);
           std::rethrow_exception(s.error);
         }
-        if (s.stop || s.worker_exited) {
+        if (s.stop || (s.worker_exited && (!s.sync || s.input_done))) {
           s.consumer_wait_s += seconds_since(t0);
           return {2, {}};
         }
