@@ -1,5 +1,6 @@
 // The prefetch ring: a fixed ring of slots filled, in order, by one C++ worker
-// thread (put) or by the feeder's own thread (put_sync; the worker then exits), and handed to the consumer as tensors that point into the slot.
+// thread (put) or by the feeder's own thread (put_sync; the worker then
+// exits), and handed to the consumer as tensors that point into the slot.
 // A slot returns to the ring when the last of its tensors dies (a storage
 // deleter), so the consumer can never see a slot overwritten under it; if the
 // consumer still holds a slot the worker needs, the slot gives that memory to
