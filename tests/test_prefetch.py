@@ -294,6 +294,22 @@ def test_source_refilling_one_buffer(depth):
     assert got == [(i, i, i, i, [i] * 3) for i in range(60)]
 
 
+@requires_cuda
+def test_cuda_pinned_source_refilling_one_buffer():
+    # A pinned source is uploaded straight from its memory: the upload must be
+    # finished before the source refills it.
+    buf = torch.empty(1 << 22).pin_memory()
+
+    def refill():
+        for i in range(40):
+            buf.fill_(i)
+            yield buf
+
+    for i, b in enumerate(Prefetcher(refill(), device="cuda")):
+        torch.cuda._sleep(200_000)  # a busy consumer stream lets a late upload show
+        assert b.is_cuda and bool((b == i).all()), i
+
+
 def test_concurrent_consumers_never_mix_batches():
     # Several threads draining one Prefetcher: every batch arrives exactly once,
     # its tensors and its non-tensor leaves still belonging together.
