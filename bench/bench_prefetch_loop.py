@@ -31,6 +31,7 @@ from peft_ext import Prefetcher
 BATCHES = int(os.environ.get("BENCH_PREFETCH_LOOP_BATCHES", "60"))
 ROUNDS = int(os.environ.get("BENCH_PREFETCH_LOOP_ROUNDS", "5"))
 BATCH, FEATURES, HIDDEN, CLASSES = 64, 256, 512, 10
+STEPS = {}  # (test, kind) -> median seconds per batch, for the plain-vs-prefetch figures
 
 
 class Trainer:
@@ -123,9 +124,12 @@ def test_train_loop_overlap(benchmark, setup, kind):
     benchmark.group = "prefetch"
     benchmark.pedantic(run, rounds=ROUNDS, iterations=1, warmup_rounds=1)
     step = statistics.median(benchmark.stats.stats.data) / BATCHES
+    STEPS["overlap", kind] = step
     extra = {"step_ms": step * 1e3, "overlap_efficiency": max(step_s, make_s) / step}
     if stats:
         extra["stats_overlap"] = statistics.median(s["overlap"] for s in stats)
+    if kind == "prefetch" and ("overlap", "plain") in STEPS:
+        extra["speedup_vs_plain"] = STEPS["overlap", "plain"] / step  # 2.0 is ideal at L = C
     info(benchmark, f"train loop L=C {kind}", "train loop L=C plain", step_s, make_s, **extra)
 
 
@@ -142,4 +146,8 @@ def test_train_loop_overhead(benchmark, setup, kind):
     benchmark.group = "prefetch"
     benchmark.pedantic(run, rounds=ROUNDS, iterations=1, warmup_rounds=1)
     step = statistics.median(benchmark.stats.stats.data) / BATCHES
-    info(benchmark, f"train loop L=0 {kind}", "train loop L=0 plain", step_s, 0.0, step_ms=step * 1e3)
+    STEPS["overhead", kind] = step
+    extra = {"step_ms": step * 1e3}
+    if kind == "prefetch" and ("overhead", "plain") in STEPS:
+        extra["overhead_per_batch_us"] = (step - STEPS["overhead", "plain"]) * 1e6
+    info(benchmark, f"train loop L=0 {kind}", "train loop L=0 plain", step_s, 0.0, **extra)
