@@ -4,6 +4,8 @@ import _thread
 import gc
 import os
 import random
+import subprocess
+import sys
 import threading
 import time
 import traceback
@@ -102,6 +104,24 @@ def test_nested_structures_and_passthrough():
             assert a.dtype == b.dtype and a.shape == b.shape and a.is_contiguous()
             assert torch.equal(a, b)
             assert a.data_ptr() != b.data_ptr() or a.numel() == 0  # a copy in the ring
+
+
+def test_flat_batches_keep_their_container_and_order():
+    # Flat dicts, lists and tuples take a fast path around pytree; containers
+    # pytree handles differently (OrderedDict, namedtuple, nested) do not.
+    from collections import OrderedDict
+    x, y = torch.arange(3.0), torch.arange(4)
+    batches = [{"b": x, "a": 1, "c": None, "d": "s"}, [x, 2.5, y], (y, True, x), (x,), [], {},
+               OrderedDict(z=x, a=y), Pair(x, "m"), {"x": [x, y]}, {"t": (x, 1)}]
+    got = list(Prefetcher(batches, device="cpu"))
+    for g, w in zip(got, batches):
+        assert type(g) is type(w)
+        flat_g, spec_g = torch.utils._pytree.tree_flatten(g)
+        flat_w, spec_w = torch.utils._pytree.tree_flatten(w)
+        assert spec_g == spec_w and len(flat_g) == len(flat_w)
+        for a, b in zip(flat_g, flat_w):
+            assert torch.equal(a, b) if isinstance(b, torch.Tensor) else a == b
+    assert list(got[0]) == ["b", "a", "c", "d"] and list(got[6]) == ["z", "a"]
 
 
 def test_len_and_stats():
@@ -250,6 +270,221 @@ def test_pin_copies_exactly():
     p = torch.classes.peft_ext.PrefetchRing.pin(t)
     assert torch.equal(p, t) and p.is_contiguous() and p.data_ptr() != t.data_ptr()
     assert p.is_pinned() == torch.cuda.is_available()
+
+
+# --- Sources and consumers as users bring them (issue 9 #6, #7, #20; issue 12) ---
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3])
+def test_source_refilling_one_buffer(depth):
+    # A loader that reuses its output buffer (buf.fill_(i); yield buf) must get
+    # every batch as it was when yielded: the copy happens before the source is
+    # asked for the next batch. A large buffer makes a late copy race the refill.
+    n = 200_000
+
+    def refill():
+        buf, small = torch.empty(n), torch.empty(3, dtype=torch.int64)
+        for i in range(60):
+            buf.fill_(i)
+            small.fill_(i)
+            yield {"x": buf, "view": buf[::1000], "small": small, "i": i}
+
+    got = [(b["i"], b["x"].min().item(), b["x"].max().item(), b["view"][0].item(), b["small"].tolist())
+           for b in Prefetcher(refill(), device="cpu", depth=depth)]
+    assert got == [(i, i, i, i, [i] * 3) for i in range(60)]
+
+
+@requires_cuda
+def test_cuda_pinned_source_refilling_one_buffer():
+    # A pinned source is uploaded straight from its memory: the upload must be
+    # finished before the source refills it.
+    buf = torch.empty(1 << 22).pin_memory()
+
+    def refill():
+        for i in range(40):
+            buf.fill_(i)
+            yield buf
+
+    for i, b in enumerate(Prefetcher(refill(), device="cuda")):
+        torch.cuda._sleep(200_000)  # a busy consumer stream lets a late upload show
+        assert b.is_cuda and bool((b == i).all()), i
+
+
+def test_concurrent_consumers_never_mix_batches():
+    # Several threads draining one Prefetcher: every batch arrives exactly once,
+    # its tensors and its non-tensor leaves still belonging together.
+    n, nthreads = 3000, 4
+
+    def source():
+        for i in range(n):
+            yield {"x": torch.full((1 + i % 5,), float(i)), "id": i, "pair": (torch.tensor(i), str(i))}
+
+    p = Prefetcher(source(), device="cpu", depth=2)
+    seen, bad, errors = [[] for _ in range(nthreads)], [], []
+
+    def consume(k):
+        try:
+            for b in p:
+                i = b["id"]
+                if not (bool((b["x"] == i).all()) and int(b["pair"][0]) == i and b["pair"][1] == str(i)):
+                    bad.append(i)
+                seen[k].append(i)
+        except BaseException as e:  # noqa: B036  reported by the main thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=consume, args=(k,)) for k in range(nthreads)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors and not bad
+    assert sorted(i for s in seen for i in s) == list(range(n))
+    assert all(s == sorted(s) for s in seen)  # each thread sees batches in order
+    assert p.stats()["batches"] == n
+
+
+def test_conjugate_and_negative_views_arrive_resolved():
+    z = torch.randn(4, 3, dtype=torch.complex64)
+    r = torch.randn(6)
+    batches = [z.conj(), {"c": z.conj()[:, 1], "n": torch._neg_view(r), "zc": torch._neg_view(z.conj())}]
+    got = list(Prefetcher(batches, device="cpu"))
+    assert not got[0].is_conj() and torch.equal(got[0], z.conj().resolve_conj())
+    assert torch.equal(got[1]["c"], z.conj()[:, 1].resolve_conj())
+    assert not got[1]["n"].is_neg() and torch.equal(got[1]["n"], -r)
+    assert torch.equal(got[1]["zc"].resolve_neg().resolve_conj(), -z.conj().resolve_conj())
+    assert not got[1]["zc"].is_conj() and not got[1]["zc"].is_neg()
+
+
+class TaggedTensor(torch.Tensor):
+    pass
+
+
+@pytest.mark.parametrize("kind", ["quantized", "sparse_coo", "sparse_csr", "nested", "subclass"])
+def test_refuses_what_it_cannot_copy_faithfully(kind):
+    make = {
+        "quantized": lambda: torch.quantize_per_tensor(torch.randn(4), 0.1, 0, torch.qint8),
+        "sparse_coo": lambda: torch.eye(3).to_sparse(),
+        "sparse_csr": lambda: torch.eye(3).to_sparse_csr(),
+        "nested": lambda: torch.nested.nested_tensor([torch.randn(2), torch.randn(3)]),
+        "subclass": lambda: torch.randn(3).as_subclass(TaggedTensor),
+    }[kind]
+    batches = [{"x": torch.ones(2)}, {"x": torch.ones(2), "extra": [1, make()]}]
+    it = Prefetcher(batches, device="cpu")
+    assert torch.equal(next(it)["x"], torch.ones(2))  # the batch before still arrives
+    with pytest.raises(TypeError, match=r"batch 1, leaf \['extra'\]\[1\]") as info:
+        next(it)
+    assert kind.split("_")[0] in str(info.value)
+    with pytest.raises(TypeError, match="batch 0, leaf <the batch itself>"):
+        list(Prefetcher([make()], device="cpu"))
+
+
+def blocked_source(release, first=True):
+    if first:
+        yield torch.ones(2)
+    release.wait(60)  # a loader stuck on I/O
+    yield torch.ones(2)
+
+
+def test_close_with_blocked_source_is_bounded():
+    release = threading.Event()
+    p = Prefetcher(blocked_source(release), device="cpu")
+    next(p)
+    time.sleep(0.05)  # the feeder is now inside the source
+    t0 = time.perf_counter()
+    p.close()
+    closed_in = time.perf_counter() - t0
+    release.set()
+    assert closed_in < 1.0, closed_in
+
+
+def test_ctrl_c_with_blocked_source_is_bounded():
+    release = threading.Event()
+    p = Prefetcher(blocked_source(release, first=False), device="cpu")
+    timer = threading.Timer(0.2, _thread.interrupt_main)
+    t0 = time.perf_counter()
+    timer.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            next(p)
+        stopped_in = time.perf_counter() - t0
+    finally:
+        timer.join()
+        release.set()
+    assert p._closed and stopped_in < 1.2, stopped_in
+
+
+def test_blocked_source_does_not_delay_exit(tmp_path):
+    # Time from the script's last line to the process being gone, with a
+    # Prefetcher whose source blocks for a minute against none at all (torch's
+    # own teardown takes seconds on a loaded machine). It used to add 5 s.
+    script = tmp_path / "blocked.py"
+    script.write_text(
+        "import sys, time, torch, peft_ext\n"
+        "def src():\n"
+        "    yield torch.ones(2)\n"
+        "    time.sleep(60)\n"
+        "    yield torch.ones(2)\n"
+        "if sys.argv[1] == 'blocked':\n"
+        "    p = peft_ext.Prefetcher(src(), device='cpu')\n"
+        "    next(p)\n"
+        "    time.sleep(0.05)\n"
+        "print(time.time(), flush=True)\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [os.path.dirname(os.path.dirname(peft_ext.__file__)), os.environ.get("PYTHONPATH", "")]))
+
+    def exit_delay(mode):
+        out = subprocess.run([sys.executable, str(script), mode], capture_output=True, text=True,
+                             env=env, timeout=120)
+        exited = time.time()
+        assert out.returncode == 0, out.stderr
+        return exited - float(out.stdout.split()[-1])
+
+    plain, blocked = exit_delay("plain"), exit_delay("blocked")
+    assert blocked - plain < 2.0, (plain, blocked)
+
+
+def test_default_device_is_the_available_accelerator():
+    acc = getattr(torch, "accelerator", None)
+    on_gpu = (acc is not None and acc.is_available() and acc.current_accelerator().type == "cuda"
+              and peft_ext.ops.build_info().get("cuda") == "1")
+    p = Prefetcher([torch.arange(3)] * 2)
+    assert p.device.type == ("cuda" if on_gpu else "cpu")
+    assert [b.cpu().tolist() for b in p] == [[0, 1, 2]] * 2
+
+
+class SlowEnd(torch.utils.data.IterableDataset):
+    """Batches at `produce_s` each, then a slow end (a DataLoader joining its
+    workers, a file closing): the end must not count as waiting for a batch."""
+
+    def __init__(self, n, produce_s, end_s):
+        self.n, self.produce_s, self.end_s = n, produce_s, end_s
+
+    def __iter__(self):
+        for i in range(self.n):
+            time.sleep(self.produce_s)
+            yield torch.full((4,), float(i))
+        time.sleep(self.end_s)
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_overlap_stays_in_unit_interval_with_dataloader(num_workers):
+    # Consumer-bound: the step (20 ms) hides production (1 ms): overlap near 1.
+    loader = torch.utils.data.DataLoader(SlowEnd(10, 0.001, 0.4), batch_size=None,
+                                         num_workers=num_workers)
+    p = Prefetcher(loader, device="cpu")
+    for b in p:
+        time.sleep(0.02)
+    s = p.stats()
+    assert s["batches"] == 10 and 0.0 <= s["overlap"] <= 1.0
+    if num_workers == 0:  # a worker process's start-up is waiting too, of any length
+        assert s["overlap"] > 0.6, s
+    # Producer-bound: the consumer mostly waits: overlap near 0, never below.
+    p = Prefetcher(torch.utils.data.DataLoader(SlowEnd(6, 0.03, 0.2), batch_size=None), device="cpu")
+    for b in p:
+        pass
+    s = p.stats()
+    assert 0.0 <= s["overlap"] < 0.4, s
+    assert s["consumer_wait_s"] <= s["elapsed_s"]
 
 
 @requires_cuda

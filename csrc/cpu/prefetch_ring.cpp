@@ -1,5 +1,6 @@
 // The prefetch ring: a fixed ring of slots filled, in order, by one C++ worker
-// thread, and handed to the consumer as tensors that point into the slot.
+// thread (put) or by the feeder's own thread (put_sync; the worker then
+// exits), and handed to the consumer as tensors that point into the slot.
 // A slot returns to the ring when the last of its tensors dies (a storage
 // deleter), so the consumer can never see a slot overwritten under it; if the
 // consumer still holds a slot the worker needs, the slot gives that memory to
@@ -129,7 +130,10 @@ void worker_main(std::shared_ptr<State> s) {
     size_t idx = 0;
     {
       std::unique_lock<std::mutex> lk(s->mu);
-      while (!s->stop && s->input.empty() && !s->input_done) s->work_cv.wait_for(lk, kTick);
+      // With put_sync() the worker has nothing to do: it exits rather than
+      // wake at every slot release.
+      while (!s->stop && s->input.empty() && !s->input_done && !s->sync)
+        s->work_cv.wait_for(lk, kTick);
       if (s->stop || s->input.empty()) break;
       p = std::move(s->input.front());
       s->input.pop_front();
@@ -223,11 +227,73 @@ class PrefetchRing : public torch::CustomClassHolder {
     return true;
   }
 
+  // Feeder side, instead of put(): copies the batch into its slot on the
+  // calling thread (waiting, like the worker, for the slot to be free), then
+  // marks it ready. On return the source's tensors are no longer read (a
+  // pinned source uploaded directly is waited for), so the caller may refill
+  // them; and no worker wake-up sits between the feeder and the consumer.
+  // False once the ring was stopped or a copy failed (the consumer gets the
+  // error in batch order). Use either put() or put_sync() on one ring.
+  bool put_sync(std::vector<at::Tensor> tensors) {
+    State& s = *state_;
+    Pending p;
+    size_t idx = 0;
+    {
+      std::unique_lock<std::mutex> lk(s.mu);
+      TORCH_CHECK(!s.input_done, "put_sync() after finish()");
+      if (s.stop || s.error) return false;
+      if (!s.sync) {
+        s.sync = true;
+        s.work_cv.notify_all();
+      }
+      p.seq = s.next_put++;
+      p.tensors = std::move(tensors);
+      idx = static_cast<size_t>(p.seq) % s.slots.size();
+      const auto t0 = Clock::now();
+      while (!s.stop && s.slots[idx].status != Status::kFree) s.work_cv.wait_for(lk, kTick);
+      s.worker_wait_s += seconds_since(t0);
+      if (s.stop) return false;
+      s.slots[idx].status = Status::kFilling;
+    }
+    Slot& slot = s.slots[idx];
+    double host_s = 0, h2d_s = 0;
+    try {
+      at::NoGradGuard no_grad;
+      host_s = fill(s, slot, p);
+      if (!slot.uploading.empty()) h2d_s = slot.mem->device->wait_uploaded();
+    } catch (c10::Error& e) {
+      e.add_context("in the prefetch worker, copying batch " + std::to_string(p.seq));
+      std::lock_guard<std::mutex> lk(s.mu);
+      s.error = std::current_exception();
+      s.error_seq = p.seq;
+      s.out_cv.notify_all();
+      return false;
+    } catch (...) {
+      std::lock_guard<std::mutex> lk(s.mu);
+      s.error = std::current_exception();
+      s.error_seq = p.seq;
+      s.out_cv.notify_all();
+      return false;
+    }
+    std::lock_guard<std::mutex> lk(s.mu);
+    slot.status = Status::kReady;
+    slot.seq = p.seq;
+    s.copy_s += host_s;
+    s.h2d_s += h2d_s;
+    s.batches += 1;
+    for (const Entry& e : slot.layout) s.bytes += static_cast<int64_t>(e.bytes);
+    slot.held_bytes = (slot.mem->host ? slot.mem->host->bytes : 0) +
+                      (slot.mem->device ? slot.mem->device->bytes() : 0);
+    s.out_cv.notify_all();
+    return !s.stop;
+  }
+
   // Feeder side: no more batches.
   void finish() {
     std::lock_guard<std::mutex> lk(state_->mu);
     state_->input_done = true;
     state_->work_cv.notify_all();
+    state_->out_cv.notify_all();  // with put_sync() no worker is left to tell the consumer
   }
 
   // Consumer side: (0, tensors) for the next batch, (1, []) when nothing came
@@ -251,7 +317,7 @@ class PrefetchRing : public torch::CustomClassHolder {
           s.consumer_wait_s += seconds_since(t0);
           std::rethrow_exception(s.error);
         }
-        if (s.stop || s.worker_exited) {
+        if (s.stop || (s.worker_exited && (!s.sync || s.input_done))) {
           s.consumer_wait_s += seconds_since(t0);
           return {2, {}};
         }
@@ -366,6 +432,7 @@ void register_prefetch_ring(torch::Library& m) {
   m.class_<PrefetchRing>("PrefetchRing")
       .def(torch::init<std::string, int64_t, bool>())
       .def("put", &PrefetchRing::put)
+      .def("put_sync", &PrefetchRing::put_sync)
       .def("finish", &PrefetchRing::finish)
       .def("next", &PrefetchRing::next)
       .def("stop", &PrefetchRing::stop)

@@ -104,6 +104,7 @@ struct State {
   int64_t next_put = 0;
   int64_t next_get = 0;
   bool input_done = false;
+  bool sync = false;  // put_sync() in use: the copies run on the feeder, the worker has exited
   bool stop = false;
   bool worker_exited = false;
   std::exception_ptr error;
