@@ -5,7 +5,8 @@
     print(report)
     peft_ext.unpatch(model)             # plain nn.Linear back
 """
-from . import ops
+from . import distill, ops
+from .distill import DistillationLoss, FusedLinearDistillationLoss
 from .nn import Int8Linear, SparseLinear
 from .offload import OffloadPlan, Offloader, offload
 from .patch import PatchReport, patch, unpatch
@@ -14,5 +15,5 @@ from .prune import PruneReport, prune
 
 __version__ = "0.1.0"
 
-__all__ = ["Int8Linear", "OffloadPlan", "Offloader", "PatchReport", "Prefetcher", "PruneReport", "SparseLinear",
-           "offload", "ops", "patch", "prune", "unpatch", "__version__"]
+__all__ = ["DistillationLoss", "FusedLinearDistillationLoss", "Int8Linear", "OffloadPlan", "Offloader", "PatchReport", "Prefetcher", "PruneReport", "SparseLinear",
+           "distill", "offload", "ops", "patch", "prune", "unpatch", "__version__"]
