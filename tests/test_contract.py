@@ -237,3 +237,15 @@ def test_empty_report_says_nothing_was_replaced():
     assert len(report) == 0
     assert "nan" not in str(report)
     assert "nan" not in str(peft_ext.PatchReport())
+
+
+@pytest.mark.parametrize("strict", [True, False])
+def test_float_checkpoint_into_a_patched_model_raises_naming_the_key(strict):
+    model = toy()
+    float_sd = toy().state_dict()
+    peft_ext.patch(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(RuntimeError, match=r"'layers\.0\.q_proj\.weight' has dtype torch\.float32"):
+        model.load_state_dict(float_sd, strict=strict)
+    int8_keys = [k for k, v in before.items() if v.dtype == torch.int8]
+    assert int8_keys and all(torch.equal(before[k], model.state_dict()[k]) for k in int8_keys)
