@@ -123,8 +123,9 @@ class _MergeRefused:
 
     def __call__(self, *args, **kwargs):
         raise RuntimeError(f"peft_ext: cannot merge the adapter of '{self.name}' into its patched base layer "
-                           f"(Int8Linear / SparseLinear have no float weight to add to). Call peft_ext.unpatch(model) first, then merge_and_unload(), then "
-                           f"peft_ext.patch() the merged model again")
+                           f"(Int8Linear / SparseLinear have no float weight to add to). Call "
+                           f"peft_ext.unpatch(model) first, then merge_and_unload(), then peft_ext.patch() "
+                           f"the merged model again")
 
 
 def _check_offload(offload):

@@ -124,7 +124,7 @@ def test_merge_after_patch_fails_clearly_and_works_after_unpatch():
 
 def test_real_peft_lora_model():
     pytest.importorskip("peft")
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig, get_peft_model  # noqa: PLC0415  (optional: skipped without peft)
 
     model = get_peft_model(toy(), LoraConfig(r=8, target_modules=["q_proj", "v_proj"]))
     before = trainable(model)
