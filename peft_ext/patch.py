@@ -147,14 +147,12 @@ def _check_offload(offload):
     budget = offload.get("max_resident_bytes")
     if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 0):
         raise ValueError(f"offload max_resident_bytes must be an int >= 0 or None, got {budget!r}")
-    if offload.get("device") is not None or "device" not in offload:
-        default = inspect.signature(offload_model).parameters["device"].default
-        device = offload.get("device", default)
-        if device is not None:
-            try:
-                _resolve_device(device)
-            except RuntimeError as e:  # torch.device's own message for a bad string
-                raise ValueError(f"offload device={device!r}: {e}") from None
+    device = offload.get("device", inspect.signature(offload_model).parameters["device"].default)
+    if device is not None:
+        try:
+            _resolve_device(device)
+        except RuntimeError as e:  # torch.device's own message for a bad string
+            raise ValueError(f"offload device={device!r}: {e}") from None
 
 
 def _skip_reason(module, mode, min_params):
@@ -210,6 +208,17 @@ def patch(
     offload: keyword arguments of peft_ext.offload(), run after the swap (int8
         layers then stream half the bytes); the Offloader is `report.offload`.
     The model's output head (get_output_embeddings(), or "lm_head") is kept.
+    Also left alone, with the reason in the report: nn.Linear subclasses that
+    override forward; layers whose parent reads their weight itself
+    (MultiheadAttention's out_proj, TransformerEncoderLayer's linear1/linear2,
+    the base layer of a peft DoRA layer); HF peft adapters (lora_A, lora_B,
+    modules_to_save, ...: float and trainable; the base layers are patched,
+    and the tuner layer's merge() / merge_and_unload() raises until
+    unpatch()); layers whose weight is tied to a module that is not patched.
+    Layers tied to each other share one int8 weight (counted once); forward
+    hooks and pre-hooks move to the replacement. Every argument is checked
+    before the model changes; a failure during the swap (or in offload)
+    puts the original layers back (weights already pruned stay pruned).
     The flat keywords sparsity=, pattern=, score=, calib_data=, block= still
     work (as prune=dict(...)) with a DeprecationWarning.
     """
