@@ -8,6 +8,7 @@ from torch import nn
 
 import peft_ext
 from peft_ext.nn import SparseLinear
+from conftest import requires_cuda
 from test_patch import toy
 
 CASES = [("2:4", {}), ("unstructured", {}), ("block", {"block": (16, 16)}), ("block", {"block": (4, 8)})]
@@ -196,11 +197,8 @@ def test_24_load_refuses_duplicate_positions():
     assert all(torch.equal(before[k], v) for k, v in sp.state_dict().items())
 
 
-@pytest.mark.parametrize("train_values", [False, True])
-def test_24_load_canonicalizes_unordered_positions(isa, train_values):
-    sp = SparseLinear.from_linear(pruned_linear("2:4", {}, k=72), pattern="2:4")
-    x = torch.randn(5, 72)
-    expected, dense = sp(x), sp.dense_weight()
+def unordered_state(sp):
+    """sp's state dict with p1 < p0 (values swapped with them) in about half the groups."""
     sd = {k: v.clone() for k, v in sp.state_dict().items()}
     pos = positions_24(sd["indices"], 36).reshape(48, 18, 2)
     values = sd["values"].reshape(48, 18, 2)
@@ -208,6 +206,16 @@ def test_24_load_canonicalizes_unordered_positions(isa, train_values):
     pos = torch.where(swap[..., None], pos.flip(2), pos)
     values = torch.where(swap[..., None], values.flip(2), values)
     sd["indices"], sd["values"] = pack_24(pos.reshape(48, 36)), values.reshape(48, 36)
+    assert not torch.equal(sd["indices"], sp.indices)
+    return sd
+
+
+@pytest.mark.parametrize("train_values", [False, True])
+def test_24_load_canonicalizes_unordered_positions(isa, train_values):
+    sp = SparseLinear.from_linear(pruned_linear("2:4", {}, k=72), pattern="2:4")
+    x = torch.randn(5, 72)
+    expected, dense = sp(x), sp.dense_weight()
+    sd = unordered_state(sp)
     original = {k: v.clone() for k, v in sd.items()}
     fresh = SparseLinear(72, 48, pattern="2:4", train_values=train_values)
     fresh.load_state_dict(sd)
@@ -216,6 +224,22 @@ def test_24_load_canonicalizes_unordered_positions(isa, train_values):
     torch.testing.assert_close(fresh(x), expected, atol=0, rtol=0)
     torch.testing.assert_close(fresh.dense_weight(), dense, atol=0, rtol=0)
     torch.testing.assert_close(fresh.to_linear()(x), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.cuda
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_24_unordered_positions_give_the_same_output_on_cuda(dtype):
+    # The mma.sp metadata must be ordered: canonical on load, CUDA agrees with the dense weight.
+    sp = SparseLinear.from_linear(pruned_linear("2:4", {}, k=72), pattern="2:4")
+    sd = unordered_state(sp)
+    fresh = SparseLinear(72, 48, pattern="2:4").to("cuda", dtype)
+    fresh.load_state_dict({k: v.to("cuda") for k, v in sd.items()})  # canonicalized on the GPU
+    x = torch.randn(5, 72)
+    expected = x.double() @ sp.dense_weight().double().t() + sp.bias.detach().double()
+    out = fresh(x.to("cuda", dtype)).double().cpu()
+    torch.testing.assert_close(out, expected, atol=5e-2, rtol=2e-2)
+    torch.testing.assert_close(fresh.dense_weight().double().cpu(), sp.dense_weight().to(dtype).double())
 
 
 def test_24_fresh_module_has_valid_metadata():
