@@ -1,5 +1,8 @@
 """patch()/unpatch() against the models, hooks, dtypes and ties people already
 have (issue 9 items 3, 4, 10, 11, 12, 16, 22): hostile model-level tests."""
+import copy
+import pickle
+
 import pytest
 import torch
 from torch import nn
@@ -249,3 +252,13 @@ def test_float_checkpoint_into_a_patched_model_raises_naming_the_key(strict):
         model.load_state_dict(float_sd, strict=strict)
     int8_keys = [k for k, v in before.items() if v.dtype == torch.int8]
     assert int8_keys and all(torch.equal(before[k], model.state_dict()[k]) for k in int8_keys)
+
+
+def test_patched_peft_model_deepcopies_and_pickles_with_the_merge_guard():
+    model = lora_toy()
+    peft_ext.patch(model)
+    for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        with pytest.raises(RuntimeError, match=r"unpatch\(model\)"):
+            clone.layers[1].v_proj.merge()
+        x = torch.randn(2, 64)
+        torch.testing.assert_close(clone(x), model(x))
