@@ -8,6 +8,7 @@ from torch import nn
 
 import peft_ext
 from peft_ext.nn import SparseLinear
+from conftest import requires_cuda
 from test_patch import toy
 
 CASES = [("2:4", {}), ("unstructured", {}), ("block", {"block": (16, 16)}), ("block", {"block": (4, 8)})]
@@ -170,3 +171,126 @@ def test_choose_kernel_is_honest_about_where_sparse_loses():
     assert choose_kernel("block", 0.9, "cuda")[0] is True
     assert choose_kernel("block", 0.8, "cuda")[0] is False
     assert choose_kernel("unstructured", 0.99, "cuda")[0] is False
+
+
+# --- the state-dict contract (issue 9 items 8, 15, 22; issue 10 item 2; issue 12) ---
+
+def positions_24(indices, half):
+    shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8)
+    return ((indices[..., None] >> shifts) & 3).reshape(indices.shape[0], -1)[:, :half]
+
+
+def pack_24(pos):
+    p = nn.functional.pad(pos.to(torch.uint8), (0, (-pos.shape[1]) % 4)).reshape(pos.shape[0], -1, 4)
+    return p[..., 0] | (p[..., 1] << 2) | (p[..., 2] << 4) | (p[..., 3] << 6)
+
+
+def test_24_load_refuses_duplicate_positions():
+    sp = SparseLinear.from_linear(pruned_linear("2:4", {}, k=72), pattern="2:4")
+    before = {k: v.clone() for k, v in sp.state_dict().items()}
+    sd = {k: v.clone() for k, v in sp.state_dict().items()}
+    pos = positions_24(sd["indices"], 36)
+    pos[3, 7] = pos[3, 6]  # group 3 of row 3 names one column twice
+    sd["indices"] = pack_24(pos)
+    with pytest.raises(RuntimeError, match=r"'indices'.*twice"):
+        sp.load_state_dict(sd)
+    assert all(torch.equal(before[k], v) for k, v in sp.state_dict().items())
+
+
+def unordered_state(sp):
+    """sp's state dict with p1 < p0 (values swapped with them) in about half the groups."""
+    sd = {k: v.clone() for k, v in sp.state_dict().items()}
+    pos = positions_24(sd["indices"], 36).reshape(48, 18, 2)
+    values = sd["values"].reshape(48, 18, 2)
+    swap = torch.rand(48, 18) < 0.5  # p1 < p0 in about half the groups, values swapped with them
+    pos = torch.where(swap[..., None], pos.flip(2), pos)
+    values = torch.where(swap[..., None], values.flip(2), values)
+    sd["indices"], sd["values"] = pack_24(pos.reshape(48, 36)), values.reshape(48, 36)
+    assert not torch.equal(sd["indices"], sp.indices)
+    return sd
+
+
+@pytest.mark.parametrize("train_values", [False, True])
+def test_24_load_canonicalizes_unordered_positions(isa, train_values):
+    sp = SparseLinear.from_linear(pruned_linear("2:4", {}, k=72), pattern="2:4")
+    x = torch.randn(5, 72)
+    expected, dense = sp(x), sp.dense_weight()
+    sd = unordered_state(sp)
+    original = {k: v.clone() for k, v in sd.items()}
+    fresh = SparseLinear(72, 48, pattern="2:4", train_values=train_values)
+    fresh.load_state_dict(sd)
+    assert all(torch.equal(original[k], v) for k, v in sd.items())  # the caller's dict is not changed
+    assert torch.equal(fresh.indices, sp.indices) and torch.equal(fresh.values.detach(), sp.values)
+    torch.testing.assert_close(fresh(x), expected, atol=0, rtol=0)
+    torch.testing.assert_close(fresh.dense_weight(), dense, atol=0, rtol=0)
+    torch.testing.assert_close(fresh.to_linear()(x), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.cuda
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_24_unordered_positions_give_the_same_output_on_cuda(dtype):
+    # The mma.sp metadata must be ordered: canonical on load, CUDA agrees with the dense weight.
+    sp = SparseLinear.from_linear(pruned_linear("2:4", {}, k=72), pattern="2:4")
+    sd = unordered_state(sp)
+    fresh = SparseLinear(72, 48, pattern="2:4").to("cuda", dtype)
+    fresh.load_state_dict({k: v.to("cuda") for k, v in sd.items()})  # canonicalized on the GPU
+    x = torch.randn(5, 72)
+    expected = x.double() @ sp.dense_weight().double().t() + sp.bias.detach().double()
+    out = fresh(x.to("cuda", dtype)).double().cpu()
+    torch.testing.assert_close(out, expected, atol=5e-2, rtol=2e-2)
+    torch.testing.assert_close(fresh.dense_weight().double().cpu(), sp.dense_weight().to(dtype).double())
+
+
+def test_24_fresh_module_has_valid_metadata():
+    fresh = SparseLinear(40, 8, pattern="2:4")
+    pos = positions_24(fresh.indices, 20).reshape(8, 10, 2)
+    assert (pos[..., 0] < pos[..., 1]).all()
+    SparseLinear(40, 8, pattern="2:4").load_state_dict(fresh.state_dict())
+
+
+@pytest.mark.parametrize("pattern, kw", CASES)
+def test_load_refuses_another_shape_before_touching_anything(pattern, kw):
+    sp = SparseLinear.from_linear(pruned_linear(pattern, kw, k=64, n=32), pattern=pattern, **kw)
+    other = SparseLinear.from_linear(pruned_linear(pattern, kw, k=64, n=64), pattern=pattern, **kw)
+    before = {k: v.clone() for k, v in sp.state_dict().items()}
+    state = other.state_dict()
+    del state["bias"]  # bias would be caught by torch's own check; the stored weight must be too
+    with pytest.raises(RuntimeError, match="shape|rows|entries"):
+        sp.load_state_dict(state, strict=False)
+    assert {k: v.shape for k, v in sp.state_dict().items()} == {k: v.shape for k, v in before.items()}
+    assert all(torch.equal(before[k], v) for k, v in sp.state_dict().items())
+    assert sp(torch.randn(2, 64)).shape == (2, 32)
+
+
+@pytest.mark.parametrize("pattern, kw", [c for c in CASES if c[0] != "2:4"])
+def test_load_refuses_malformed_compressed_indices(pattern, kw):
+    sp = SparseLinear.from_linear(pruned_linear(pattern, kw), pattern=pattern, **kw)
+    cols = 64 // kw.get("block", (1, 1))[1]
+    for key, corrupt, match in [("col", lambda t: t.fill_(cols), "col"),
+                                ("col", lambda t: t.fill_(-1), "col"),
+                                ("crow", lambda t: t.__setitem__(-1, t[-1] + 1), "crow"),
+                                ("crow", lambda t: t.__setitem__(1, t[-1] + 1), "crow")]:
+        sd = {k: v.clone() for k, v in sp.state_dict().items()}
+        corrupt(sd[key])
+        with pytest.raises(RuntimeError, match=match):
+            SparseLinear(64, 48, pattern=pattern, **kw).load_state_dict(sd)
+
+
+def test_meta_input_with_cpu_weights_raises():
+    sp = SparseLinear.from_linear(pruned_linear("unstructured", {}), pattern="unstructured")
+    with pytest.raises(RuntimeError, match="meta"):
+        sp(torch.randn(2, 64, device="meta"))
+
+
+@pytest.mark.parametrize("pattern, kw", [c for c in CASES if c[0] != "2:4"])
+def test_from_linear_warns_on_an_unpruned_layer(pattern, kw):
+    with pytest.warns(UserWarning, match="prune"):
+        sp = SparseLinear.from_linear(nn.Linear(64, 48), pattern=pattern, **kw)
+    assert sp.sparsity == 0
+
+
+def test_to_linear_restores_requires_grad():
+    lin = pruned_linear("2:4", {}).requires_grad_(False)
+    back = SparseLinear.from_linear(lin, pattern="2:4").to_linear()
+    assert not back.weight.requires_grad and not back.bias.requires_grad

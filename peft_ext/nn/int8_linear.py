@@ -19,7 +19,18 @@ class Int8Linear(nn.Module):
     Buffers: `weight` int8 [out_features, in_features], `weight_scale` float32
     [out_features]. `bias` is a trainable parameter. Gradients reach the input
     and the bias; the int8 weight is frozen.
+
+    `compute_dtype` is the float dtype of the layer it came from (followed by
+    .half() / .bfloat16() / .to(dtype)); to_linear() gives that dtype back, as
+    well as the original weight's requires_grad. The output has the input's
+    dtype; float64 input is computed in float32 (the int8 weight holds ~8
+    bits) and returned as float64. Loading a state dict refuses a `weight` that
+    is not int8 or comes without its `weight_scale` (strict or not): a float
+    checkpoint must be loaded before patch().
     """
+
+    compute_dtype = torch.float32  # class defaults: modules pickled before these existed
+    weight_requires_grad = True
 
     def __init__(self, in_features, out_features, bias=True, mode="dynamic", device=None, dtype=None):
         super().__init__()
@@ -29,6 +40,7 @@ class Int8Linear(nn.Module):
         self.out_features = out_features
         self.mode = mode
         self._source = "linear"
+        self.compute_dtype = dtype or torch.float32
         self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
         self.register_buffer("weight_scale", torch.zeros(out_features, dtype=torch.float32, device=device))
         if bias:
@@ -52,15 +64,19 @@ class Int8Linear(nn.Module):
             module.bias.data.copy_(linear.bias.detach())
             module.bias.requires_grad_(linear.bias.requires_grad)
         module._source = "conv1d" if conv1d else "linear"
+        module.weight_requires_grad = linear.weight.requires_grad
         return module
 
     def dequantized_weight(self, dtype=None):
-        dtype = dtype or (self.bias.dtype if self.bias is not None else torch.float32)
+        dtype = dtype or self.compute_dtype
+        if dtype == torch.float64:  # the kernels write float32/bf16/fp16
+            return ops.int8_dequantize(self.weight, self.weight_scale, torch.float32).double()
         return ops.int8_dequantize(self.weight, self.weight_scale, dtype)
 
     def to_linear(self):
-        """An nn.Linear (or the original Conv1D) with the dequantized weight."""
-        dtype = self.bias.dtype if self.bias is not None else torch.float32
+        """An nn.Linear (or the original Conv1D) with the dequantized weight, in
+        the compute dtype, with the original requires_grad flags."""
+        dtype = self.compute_dtype
         weight = self.dequantized_weight(dtype)
         device = self.weight.device
         if self._source == "conv1d":
@@ -75,12 +91,33 @@ class Int8Linear(nn.Module):
             layer.weight.data.copy_(weight)
         if self.bias is not None:
             layer.bias.data.copy_(self.bias.detach())
+            layer.bias.requires_grad_(self.bias.requires_grad)
+        layer.weight.requires_grad_(self.weight_requires_grad)
         return layer
 
     def forward(self, x):
+        if x.device != self.weight.device:
+            # The ops would trace a meta input through CPU weights instead of failing.
+            raise RuntimeError(f"Int8Linear: input is on {x.device} but the weights are on "
+                               f"{self.weight.device}; move the module or the input")
+        if x.dtype == torch.float64:
+            bias = None if self.bias is None else self.bias.float()
+            return self._linear(x.float(), bias).double()
+        return self._linear(x, self.bias)
+
+    def _linear(self, x, bias):
         if self.mode == "dynamic":
-            return ops.int8_linear(x, self.weight, self.weight_scale, self.bias)
-        return ops.int8_linear_weight_only(x, self.weight, self.weight_scale, self.bias)
+            return ops.int8_linear(x, self.weight, self.weight_scale, bias)
+        return ops.int8_linear_weight_only(x, self.weight, self.weight_scale, bias)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        problems = state_dict_problems(state_dict, prefix)
+        if problems:  # refuse before any buffer changes; torch raises them, strict or not
+            error_msgs.extend(problems)
+            return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
 
     def _apply(self, fn, recurse=True):
         # .half()/.bfloat16() set the compute dtype (the bias); the scales stay
@@ -88,8 +125,34 @@ class Int8Linear(nn.Module):
         super()._apply(fn, recurse)
         if self.weight_scale.dtype != torch.float32:
             self.weight_scale = self.weight_scale.float()
+        # What fn does to a tensor of the compute dtype (the bias is one; a
+        # bias-free layer asks an empty tensor, already on the new device).
+        probe = self.bias if self.bias is not None else None
+        if probe is None:
+            probe = fn(torch.empty(0, dtype=self.compute_dtype, device=self.weight_scale.device))
+        self.compute_dtype = probe.dtype
         return self
 
     def extra_repr(self):
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, mode={self.mode}")
+
+
+def state_dict_problems(state_dict, prefix):
+    """Why the entries under prefix cannot be an Int8Linear's, as load_state_dict
+    error messages (empty when they can). A float weight would be truncated to
+    int8 by copy_ and a weight without its scales is meaningless."""
+    weight, scale = state_dict.get(prefix + "weight"), state_dict.get(prefix + "weight_scale")
+    problems = []
+    if weight is not None and weight.dtype != torch.int8:
+        hint = ("a float checkpoint: load it before peft_ext.patch(), or convert the layer with "
+                "Int8Linear.from_linear(linear)" if scale is None else
+                "quantize it with peft_ext.ops.quantize_weight(), or use Int8Linear.from_linear(linear)")
+        problems.append(f"'{prefix}weight' has dtype {weight.dtype}, but Int8Linear stores an int8 weight "
+                        f"with its float32 'weight_scale'; this is {hint}")
+    elif weight is not None and scale is None:
+        problems.append(f"'{prefix}weight_scale' is missing beside the int8 '{prefix}weight': the weight is "
+                        f"meaningless without its per-channel scales")
+    if scale is not None and not scale.is_floating_point():
+        problems.append(f"'{prefix}weight_scale' has dtype {scale.dtype}, expected float32")
+    return problems

@@ -1,5 +1,7 @@
 """SparseLinear: a drop-in replacement for nn.Linear with a pruned weight
 stored compressed and multiplied by kernels that skip the zeros."""
+import warnings
+
 import torch
 from torch import nn
 
@@ -55,7 +57,7 @@ def _buffers_for(pattern, out_features, in_features, block, nnz, device, dtype):
     z = dict(device=device)
     if pattern == "2:4":
         return {"values": torch.zeros(out_features, in_features // 2, dtype=dtype, **z),
-                "indices": torch.zeros(out_features, (in_features + 7) // 8, dtype=torch.uint8, **z)}
+                "indices": formats.empty_indices_24(out_features, in_features, **z)}
     rows = out_features // block[0] if pattern == "block" else out_features
     shape = (nnz, *block) if pattern == "block" else (nnz,)
     return {"crow": torch.zeros(rows + 1, dtype=torch.int64, **z),
@@ -77,7 +79,16 @@ class SparseLinear(nn.Module):
     bias; the stored values are frozen unless `train_values=True`, in which
     case `values` is a Parameter and only the kept weights learn (the zeros
     stay zeros by construction).
+
+    Loading a state dict checks the compressed weight against the module's
+    shape before any buffer changes (a mismatch, a malformed crow/col, or 2:4
+    metadata naming one position twice is refused, strict or not) and stores
+    it canonically: 2:4 positions in increasing order within each group, CSR /
+    BSR columns in increasing order within each row, so every device's kernel
+    and dense_weight() / to_linear() read the same weight.
     """
+
+    weight_requires_grad = True  # what to_linear() gives the dense weight
 
     def __init__(self, in_features, out_features, bias=True, pattern="2:4", block=(16, 16), nnz=0,
                  train_values=False, device=None, dtype=None):
@@ -142,6 +153,12 @@ class SparseLinear(nn.Module):
                 module.bias.copy_(linear.bias.detach())
                 module.bias.requires_grad_(linear.bias.requires_grad)
         module._source = "conv1d" if conv1d else "linear"
+        module.weight_requires_grad = linear.weight.requires_grad
+        if module.sparsity == 0 and w.numel():
+            warnings.warn(f"SparseLinear.from_linear(pattern={pattern!r}): the layer stores every weight "
+                          f"(sparsity 0: not pruned, or no {'block' if pattern == 'block' else 'weight'} is "
+                          f"all zeros), so the sparse kernel only adds work; prune it first "
+                          f"(peft_ext.prune) or pass mask=", UserWarning, stacklevel=2)
         return module
 
     @property
@@ -176,16 +193,72 @@ class SparseLinear(nn.Module):
             layer.weight.data.copy_(weight)
         if self.bias is not None:
             layer.bias.data.copy_(self.bias.detach())
+            layer.bias.requires_grad_(self.bias.requires_grad)
+        layer.weight.requires_grad_(self.weight_requires_grad)
         return layer
 
     def forward(self, x):
+        if x.device != self.values.device:
+            # The ops would trace a meta input through CPU weights instead of failing.
+            raise RuntimeError(f"SparseLinear: input is on {x.device} but the weights are on "
+                               f"{self.values.device}; move the module or the input")
         if self.pattern == "2:4":
             return sparse_ops.sparse24_linear(x, self.values, self.indices, self.bias)
         if self.pattern == "block":
             return sparse_ops.bsr_linear(x, self.crow, self.col, self.values, self.in_features, self.bias)
         return sparse_ops.csr_linear(x, self.crow, self.col, self.values, self.in_features, self.bias)
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+    def _compressed_names(self):
+        return ("values", "indices") if self.pattern == "2:4" else ("crow", "col", "values")
+
+    def _checked(self, state_dict, prefix):
+        """The compressed weight entries of state_dict, checked against this
+        module and canonical (new tensors; the caller's dict is not changed).
+        Empty when none is present. Raises ValueError."""
+        names = self._compressed_names()
+        found = {n: state_dict[prefix + n] for n in names if prefix + n in state_dict}
+        if not found:
+            return {}
+        if len(found) != len(names):
+            missing = ", ".join(repr(prefix + n) for n in names if n not in found)
+            raise ValueError(f"SparseLinear: {missing} missing beside {', '.join(repr(prefix + n) for n in found)}: "
+                             f"the parts of a compressed weight load together")
+        try:
+            if self.pattern == "2:4":
+                values, indices = found["values"], found["indices"]
+                want = {"values": (self.out_features, self.in_features // 2),
+                        "indices": (self.out_features, (self.in_features + 7) // 8)}
+                for n, t in found.items():
+                    if tuple(t.shape) != want[n]:
+                        raise ValueError(f"'{n}' has shape {tuple(t.shape)}, this module "
+                                         f"({self.out_features} x {self.in_features}) needs {want[n]}")
+                if indices.dtype != torch.uint8:
+                    raise ValueError(f"'indices' must be uint8 (packed 2-bit positions), got {indices.dtype}")
+                try:
+                    values, indices = formats.canonical_24(values, indices)
+                except ValueError as e:
+                    raise ValueError(f"'indices': {e}") from None
+                return {prefix + "values": values, prefix + "indices": indices}
+            if self.pattern == "block":
+                rows, cols, block = self.out_features // self.block[0], self.in_features // self.block[1], self.block
+            else:
+                rows, cols, block = self.out_features, self.in_features, None
+            crow, col, values = formats.canonical_compressed(found["crow"], found["col"], found["values"],
+                                                             rows, cols, block)
+        except ValueError as e:
+            raise ValueError(f"SparseLinear ({self.pattern}, {self.out_features} x {self.in_features}) "
+                             f"cannot load {prefix or 'the state dict'}: {e}") from None
+        return {prefix + "crow": crow, prefix + "col": col, prefix + "values": values}
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        try:
+            checked = self._checked(state_dict, prefix)
+        except ValueError as e:  # refuse before any buffer changes; torch raises it, strict or not
+            error_msgs.append(str(e))
+            return
+        if checked:
+            state_dict = {**state_dict, **checked}
         # The number of stored values is data: resize the buffers to what is loaded.
         for name in ("crow", "col", "values"):
             t = state_dict.get(prefix + name)
@@ -196,7 +269,8 @@ class SparseLinear(nn.Module):
                     self.values = nn.Parameter(new, requires_grad=own.requires_grad)
                 else:
                     setattr(self, name, new)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
 
     def extra_repr(self):
         shape = f", block={self.block}" if self.pattern == "block" else ""
