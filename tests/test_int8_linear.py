@@ -145,3 +145,12 @@ def test_packed_survives_a_tier_change():
             assert torch.equal(q(x), expected), name
     finally:
         ops.set_cpu_isa(before)
+
+
+def test_prepack_can_be_turned_off():
+    q = Int8Linear.from_linear(linear())
+    q.prepack = False
+    q._repack()
+    x = torch.randn(9, 40)
+    assert q._packed is None
+    assert torch.equal(q(x), ref.int8_linear(x, q.weight, q.weight_scale, q.bias))

@@ -88,7 +88,7 @@ void micro_scalar(const uint8_t* x, int64_t ldx, int mr, const int8_t* panel, in
   for (int i = 0; i < mr; ++i)
     for (int p = 0; p < np; ++p)
       for (int64_t j = 0; j < kPanelCols; ++j) {
-        uint32_t acc = 0;
+        uint32_t acc = static_cast<uint32_t>(out[i * kTileLd + 16 * p + j]);
         for (int64_t t = 0; t < kq; ++t)
           for (int64_t b = 0; b < 4; ++b)
             acc += static_cast<uint32_t>(static_cast<int32_t>(x[i * ldx + 4 * t + b]) *
@@ -191,14 +191,27 @@ void gemm_panels(const PackedKernel& g, const uint8_t* x, int64_t ldx, int64_t M
                  int64_t N, const int8_t* panels, const int32_t* sums, int64_t p0, int64_t p1,
                  const Epilogue& ep) {
   const int64_t kq = k_groups(K), ps = panel_bytes(K);
-  alignas(64) int32_t res[8 * kTileLd];
+  // Blocks of kMc rows x kKc groups of 4 k: the panel slice (kKc * 64 bytes
+  // per panel) stays in L1 while every row block of the kMc rows passes over it.
+  // A single row block needs no k blocking.
+  constexpr int64_t kMc = 48, kKc = 64;
+  const int64_t mc = kMc / g.mr_max * g.mr_max;
+  const int64_t kc = M <= g.mr_max ? kq : kKc;
+  alignas(64) int32_t res[kMc * kTileLd];
   for (int64_t p = p0; p < p1; p += g.np_max) {
     const int np = static_cast<int>(std::min<int64_t>(g.np_max, p1 - p));
     const int8_t* panel = panels + (p - p0) * ps;
-    for (int64_t m = 0; m < M; m += g.mr_max) {
-      const int mr = static_cast<int>(std::min<int64_t>(g.mr_max, M - m));
-      g.micro(x + m * ldx, ldx, mr, panel, ps, np, kq, res);
-      for (int i = 0; i < mr; ++i) {
+    for (int64_t mb = 0; mb < M; mb += mc) {
+      const int64_t rows = std::min(mc, M - mb);
+      std::memset(res, 0, sizeof(int32_t) * kTileLd * rows);
+      for (int64_t t0 = 0; t0 < kq; t0 += kc) {
+        const int64_t tk = std::min(kc, kq - t0);
+        for (int64_t m = mb; m < mb + rows; m += g.mr_max) {
+          const int mr = static_cast<int>(std::min<int64_t>(g.mr_max, mb + rows - m));
+          g.micro(x + m * ldx + 4 * t0, ldx, mr, panel + 64 * t0, ps, np, tk, res + (m - mb) * kTileLd);
+        }
+      }
+      for (int64_t i = 0; i < rows; ++i) {
         for (int pp = 0; pp < np; ++pp) {
           const int64_t n = (p + pp) * kPanelCols;
           const int64_t nr = std::min<int64_t>(kPanelCols, N - n);
@@ -210,7 +223,7 @@ void gemm_panels(const PackedKernel& g, const uint8_t* x, int64_t ldx, int64_t M
               r[j] = static_cast<int32_t>(static_cast<uint32_t>(r[j]) -
                                           (static_cast<uint32_t>(cs[j]) << 7));
           }
-          g.store_row(ep, m + i, n, nr, r);
+          g.store_row(ep, mb + i, n, nr, r);
         }
       }
     }

@@ -184,7 +184,10 @@ PEFT_AVX2 void micro_s8(const uint8_t* x, int64_t ldx, const int8_t* panel, int6
                         int32_t* out) {
   const __m256i ones = _mm256_set1_epi16(1);
   __m256i acc[MR][2];
-  for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_si256();
+  for (int i = 0; i < MR; ++i) {
+    acc[i][0] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(out + i * kTileLd));
+    acc[i][1] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(out + i * kTileLd + 8));
+  }
   for (int64_t t = 0; t < kq; ++t) {
     const __m256i b0 = _mm256_load_si256(reinterpret_cast<const __m256i*>(panel + 64 * t));
     const __m256i b1 = _mm256_load_si256(reinterpret_cast<const __m256i*>(panel + 64 * t + 32));

@@ -20,7 +20,7 @@ PEFT_AVX512_VNNI void micro(const uint8_t* x, int64_t ldx, const int8_t* panel, 
                             int64_t kq, int32_t* out) {
   __m512i acc[MR][NP];
   for (int i = 0; i < MR; ++i)
-    for (int p = 0; p < NP; ++p) acc[i][p] = _mm512_setzero_si512();
+    for (int p = 0; p < NP; ++p) acc[i][p] = _mm512_loadu_si512(out + i * kTileLd + 16 * p);
   for (int64_t t = 0; t < kq; ++t) {
     __m512i b[NP];
     for (int p = 0; p < NP; ++p) b[p] = _mm512_load_si512(panel + p * ps + 64 * t);

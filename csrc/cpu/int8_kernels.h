@@ -90,7 +90,8 @@ void column_sums(const int8_t* w, int64_t N, int64_t K, int64_t n0, int64_t n1, 
 
 // One register tile of a packed product: mr rows of activations x (stride
 // ldx, 4 * kq bytes each) times np consecutive panels (panel stride ps bytes)
-// into out[i * kTileLd + 16 * p + j], int32, wrapping (modular) sums.
+// added into out[i * kTileLd + 16 * p + j] (the driver zeroes it, then calls
+// once per block of k), int32, wrapping (modular) sums.
 constexpr int kTileLd = 64;
 using MicroFn = void (*)(const uint8_t* x, int64_t ldx, int mr, const int8_t* panel, int64_t ps,
                          int np, int64_t kq, int32_t* out);

@@ -32,8 +32,11 @@ class Int8Linear(nn.Module):
     kernels (`_packed`, about one more byte per weight plus 4 bytes per output
     feature; not in the state dict, not counted as a buffer). It is rebuilt at
     from_linear, load_state_dict and .to() time, and before a forward whenever
-    the weight tensor was replaced or modified in place.
+    the weight tensor was replaced or modified in place. Set `prepack = False`
+    (on the class or one module) to save that memory at some speed (M >= 8).
     """
+
+    prepack = True
 
     def __init__(self, in_features, out_features, bias=True, mode="dynamic", device=None, dtype=None):
         super().__init__()
@@ -59,7 +62,8 @@ class Int8Linear(nn.Module):
     def _repack(self):
         """Rebuild the prepacked weight (dynamic mode, CPU), or drop it."""
         w = self.weight
-        if self.mode == "dynamic" and w.device.type == "cpu" and w.dtype == torch.int8 and w.dim() == 2:
+        if (self.prepack and self.mode == "dynamic" and w.device.type == "cpu" and w.dtype == torch.int8
+                and w.dim() == 2):
             self._packed = ops.int8_pack_weight(w.contiguous())
             self._packed_key = self._weight_key()
         else:
@@ -108,7 +112,8 @@ class Int8Linear(nn.Module):
 
     def forward(self, x):
         if self.mode == "dynamic":
-            if self.weight.device.type == "cpu" and not torch.compiler.is_compiling():
+            # Under torch.compile the plain-weight op runs (no repacking in a graph).
+            if self.prepack and self.weight.device.type == "cpu" and not torch.compiler.is_compiling():
                 if self._packed is None or self._packed_key != self._weight_key():
                     self._repack()
                 return ops.int8_linear_packed(x, self.weight, self.weight_scale, self.bias, self._packed)
