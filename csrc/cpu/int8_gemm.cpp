@@ -156,7 +156,9 @@ QuantizedRows quantize(const at::Tensor& x2d) {
   const float* xp = x2d.data_ptr<float>();
   int8_t* qp = r.q.data_ptr<int8_t>();
   float* sp = r.scale.data_ptr<float>();
-  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(K, 1));
+  // Quantizing is ~1 % of the product: threads only for 1M+ elements, as
+  // every parallel region is one more barrier (costly on a busy machine).
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 20) / std::max<int64_t>(K, 1));
   at::parallel_for(0, M, grain, [&](int64_t m0, int64_t m1) {
     auto fn = avx2 ? quantize_rows_avx2 : quantize_rows_scalar;
     fn(xp + m0 * K, K, m1 - m0, K, qp + m0 * r.ldq, r.ldq, sp + m0);

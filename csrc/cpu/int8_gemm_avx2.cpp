@@ -84,6 +84,33 @@ PEFT_AVX2 void tile_wo(const float* x, const int8_t* const* wrows, int64_t K, fl
   }
 }
 
+// MR activation rows x NR weight rows: each weight vector is converted to
+// float once and used by all MR rows. Same summation order per (row, column)
+// as tile_wo (8 lanes, then the horizontal sum, then the scalar tail).
+template <int MR, int NR>
+PEFT_AVX2 void tile_wo_rows(const float* x, int64_t ldx, const int8_t* const* wrows, int64_t K,
+                            float* out) {
+  __m256 acc[MR][NR];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_setzero_ps();
+  const int64_t k8 = K & ~int64_t{7};
+  for (int64_t k = 0; k < k8; k += 8) {
+    __m256 xv[MR];
+    for (int i = 0; i < MR; ++i) xv[i] = _mm256_loadu_ps(x + i * ldx + k);
+    for (int j = 0; j < NR; ++j) {
+      const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(wrows[j] + k));
+      const __m256 wv = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
+      for (int i = 0; i < MR; ++i) acc[i][j] = _mm256_fmadd_ps(xv[i], wv, acc[i][j]);
+    }
+  }
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) {
+      float s = hsum_ps(acc[i][j]);
+      for (int64_t k = k8; k < K; ++k) s += x[i * ldx + k] * static_cast<float>(wrows[j][k]);
+      out[i * NR + j] = s;
+    }
+}
+
 PEFT_AVX2 inline void transpose8_store(__m256i (&v)[8], int8_t* dst) {
   // v[r] holds 8 dwords (groups of 4 k, p = 0..7) of row r; dst + 64 * p
   // receives the 8 rows' dwords of group p.
@@ -328,15 +355,31 @@ PEFT_AVX2 void gemm_s8_avx2(const int8_t* q, int64_t ldq, const int8_t* w, int64
 
 PEFT_AVX2 void gemm_wo_avx2(const float* x, int64_t ldx, const int8_t* w, int64_t M, int64_t K,
                             int64_t n0, int64_t n1, const Epilogue& ep) {
-  constexpr int NR = 8;
-  for (int64_t n = n0; n < n1; n += NR) {
-    const int64_t nr = std::min<int64_t>(NR, n1 - n);
-    const int8_t* rows[NR];
-    for (int j = 0; j < NR; ++j) rows[j] = w + std::min<int64_t>(n + j, n1 - 1) * K;
-    for (int64_t m = 0; m < M; ++m) {
-      float res[NR];
-      tile_wo<NR>(x + m * ldx, rows, K, res);
-      for (int64_t j = 0; j < nr; ++j) ep.store(m, n + j, res[j]);
+  // A lone row streams eight weight rows at once; several rows share each
+  // converted weight vector, four rows by two weight rows at a time.
+  constexpr int NR1 = 8, MR = 4, NR = 2;
+  const int64_t step = M == 1 ? NR1 : NR;
+  for (int64_t n = n0; n < n1; n += step) {
+    const int64_t nr = std::min<int64_t>(step, n1 - n);
+    const int8_t* rows[NR1];
+    for (int j = 0; j < step; ++j) rows[j] = w + std::min<int64_t>(n + j, n1 - 1) * K;
+    if (M == 1) {
+      float res[NR1];
+      tile_wo<NR1>(x, rows, K, res);
+      for (int64_t j = 0; j < nr; ++j) ep.store(0, n + j, res[j]);
+      continue;
+    }
+    for (int64_t m = 0; m < M; m += MR) {
+      const int64_t mr = std::min<int64_t>(MR, M - m);
+      float res[MR * NR];
+      switch (mr) {
+        case 4: tile_wo_rows<4, NR>(x + m * ldx, ldx, rows, K, res); break;
+        case 3: tile_wo_rows<3, NR>(x + m * ldx, ldx, rows, K, res); break;
+        case 2: tile_wo_rows<2, NR>(x + m * ldx, ldx, rows, K, res); break;
+        default: tile_wo_rows<1, NR>(x + m * ldx, ldx, rows, K, res); break;
+      }
+      for (int64_t i = 0; i < mr; ++i)
+        for (int64_t j = 0; j < nr; ++j) ep.store(m + i, n + j, res[i * NR + j]);
     }
   }
 }
