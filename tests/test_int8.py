@@ -36,7 +36,7 @@ def test_int8_linear_matches_reference(isa, shape, dtype, bias):
     torch.testing.assert_close(out, ref.int8_linear(x, q, s, b), **tol(dtype))
 
 
-@pytest.mark.parametrize("shape", SHAPES + [(48, 70, 11), (49, 70, 11)])
+@pytest.mark.parametrize("shape", SHAPES + [(48, 70, 11), (49, 70, 11), (256, 70, 11), (257, 70, 11)])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("bias", [True, False])
 def test_weight_only_matches_reference(isa, shape, dtype, bias):
