@@ -39,6 +39,15 @@ TORCH_LIBRARY(peft_ext, m) {
   m.def("quantize_per_token(Tensor x) -> (Tensor, Tensor)");
   // W8A8: y = (q_x @ q_w^T) * s_x * s_w + bias, quantizing x per token inside.
   m.def("int8_linear(Tensor x, Tensor weight, Tensor weight_scale, Tensor? bias) -> Tensor");
+  // The int8 weight [N, K] prepacked once into the panel layout the CPU
+  // kernels read (csrc/cpu/int8_kernels.h), with its column sums: a derived
+  // int8 tensor of about N * K + 4 * N bytes, the same for every CPU ISA tier.
+  m.def("int8_pack_weight(Tensor weight) -> Tensor");
+  // int8_linear with the weight also given prepacked (from int8_pack_weight);
+  // the plain weight stays the source of truth (shapes, autograd, checks).
+  m.def(
+      "int8_linear_packed(Tensor x, Tensor weight, Tensor weight_scale, Tensor? bias, Tensor packed) "
+      "-> Tensor");
   // Weight-only: y = x @ (q_w * s_w)^T + bias, x stays in float.
   m.def(
       "int8_linear_weight_only(Tensor x, Tensor weight, Tensor weight_scale, Tensor? bias) -> "

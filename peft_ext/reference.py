@@ -6,12 +6,20 @@ import torch
 
 
 def quantize_per_token(x: torch.Tensor):
+    """The agreed per-token semantics (every backend matches this exactly): a
+    row holding NaN or +-inf gets scale NaN and q 0 (its output row is NaN);
+    otherwise scale = absmax / 127 and q = clamp(round_half_even(x / scale),
+    -127, 127) with a true fp32 division (1 / scale overflows for absmax below
+    ~4e-37); absmax 0 gives scale 0 and q 0, and so does an absmax below
+    ~1.8e-43, whose scale absmax / 127 underflows to 0."""
     x2 = x.reshape(-1, x.shape[-1]).float()
     absmax = x2.abs().amax(dim=1) if x2.shape[1] > 0 else x2.new_zeros(x2.shape[0])
-    scale = absmax / 127
-    inv = torch.where(absmax > 0, 1.0 / scale, torch.zeros_like(scale))
-    q = torch.round(x2 * inv[:, None]).clamp_(-127, 127).to(torch.int8)
-    return q, scale
+    finite = torch.isfinite(x2).all(dim=1)
+    scale = torch.where(finite, absmax / 127, torch.full_like(absmax, float("nan")))
+    ok = (finite & (scale > 0))[:, None]
+    safe = torch.where(ok[:, 0], scale, torch.ones_like(scale))
+    q = torch.where(ok, torch.round(x2 / safe[:, None]).clamp_(-127, 127), torch.zeros_like(x2))
+    return q.to(torch.int8), scale
 
 
 def int8_linear(x, weight, weight_scale, bias=None):

@@ -4,13 +4,19 @@ import torch
 import peft_ext
 from peft_ext import ops
 
-ISAS = ["scalar"] + (["avx2"] if ops.build_info()["cpu_isa_detected"] == "avx2" else [])
+# Every CPU kernel tier, lowest first; a CPU that has a tier has all below it.
+ALL_ISAS = ["scalar", "avx2", "avx_vnni", "avx512_vnni"]
+DETECTED_ISA = ops.build_info()["cpu_isa_detected"]
+ISAS = ALL_ISAS[: ALL_ISAS.index(DETECTED_ISA) + 1]
 HAS_CUDA = torch.cuda.is_available() and ops.build_info().get("cuda") == "1"
 
 
-@pytest.fixture(params=ISAS)
+@pytest.fixture(params=ALL_ISAS)
 def isa(request):
-    """Runs a test once with the portable kernels and once with AVX2."""
+    """Runs a test once on every CPU kernel tier; tiers this CPU lacks are
+    skipped, naming the tier (see them with pytest -rs)."""
+    if request.param not in ISAS:
+        pytest.skip(f"CPU tier {request.param} not supported here (best: {DETECTED_ISA})")
     before = ops.build_info()["cpu_isa"]
     ops.set_cpu_isa(request.param)
     yield request.param

@@ -5,7 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from peft_ext import ops, reference as ref
-from conftest import make_int8 as make, sqnr_db, tol
+from conftest import ISAS, make_int8 as make, sqnr_db, tol
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 SHAPES = [(1, 1, 1), (1, 37, 5), (2, 31, 3), (3, 33, 13), (17, 100, 7), (33, 257, 65), (130, 64, 9)]
@@ -36,7 +36,7 @@ def test_int8_linear_matches_reference(isa, shape, dtype, bias):
     torch.testing.assert_close(out, ref.int8_linear(x, q, s, b), **tol(dtype))
 
 
-@pytest.mark.parametrize("shape", SHAPES + [(48, 70, 11), (49, 70, 11)])
+@pytest.mark.parametrize("shape", SHAPES + [(48, 70, 11), (49, 70, 11), (256, 70, 11), (257, 70, 11)])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("bias", [True, False])
 def test_weight_only_matches_reference(isa, shape, dtype, bias):
@@ -198,3 +198,178 @@ def test_empty_in_features_gives_bias(isa, m):
     for fn in (ops.int8_linear, ops.int8_linear_weight_only):
         torch.testing.assert_close(fn(torch.randn(m, 0), q, torch.ones(5), b), b.expand(m, 5))
         assert (fn(torch.randn(m, 0), q, torch.ones(5), None) == 0).all()
+
+
+# ---- issue 9 #1/#2: non-finite and tiny rows; issue 11: tiers, -128, packing
+
+def _w8a8_paths(x, q, s, b):
+    """W8A8 through the plain-weight op and the prepacked op."""
+    return [ops.int8_linear(x, q, s, b), ops.int8_linear_packed(x, q, s, b, ops.int8_pack_weight(q))]
+
+
+@pytest.mark.parametrize("m", [1, 5, 9, 40])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_non_finite_rows_give_nan_rows(isa, m, dtype):
+    x, q, s, b = make(m, 77, 21, dtype)
+    bad = {0: float("nan"), m // 2: float("inf"), m - 1: float("-inf")}
+    for row, v in bad.items():
+        x[row, (row * 7) % 77] = v
+    qx, sx = ops.quantize_per_token(x)
+    qr, sr = ref.quantize_per_token(x)
+    assert torch.equal(qx, qr)
+    torch.testing.assert_close(sx, sr, equal_nan=True, atol=0, rtol=0)
+    rows = torch.tensor(sorted(bad))
+    good = torch.ones(m, dtype=torch.bool)
+    good[rows] = False
+    assert torch.isnan(sx[rows]).all() and (qx[rows] == 0).all()
+    expected = ref.int8_linear(x, q, s, b)
+    for out in _w8a8_paths(x, q, s, b):
+        assert torch.isnan(out[rows].float()).all(), out[rows]
+        assert torch.equal(out[good], expected[good])
+    wo = ops.int8_linear_weight_only(x, q, s, b)
+    assert not torch.isfinite(wo[rows].float()).any()
+    assert torch.isfinite(wo[good].float()).all()
+
+
+@pytest.mark.parametrize("tiny", [1e-30, 1e-37, 1e-38, 3e-39, 1e-40, 1e-44])
+def test_tiny_absmax_rows_quantize_normally(isa, tiny):
+    x, q, s, b = make(6, 130, 17, bias=False)
+    x[1:4] *= tiny / x[1:4].abs().amax(dim=1, keepdim=True)
+    qx, sx = ops.quantize_per_token(x)
+    qr, sr = ref.quantize_per_token(x)
+    assert torch.equal(qx, qr) and torch.equal(sx, sr)
+    # The same rows at unit scale: the int8 values must agree up to the
+    # rounding of a denormal scale, so the relative error stays that of int8.
+    exact = x.double() @ ref.int8_dequantize(q, s).double().t()
+    for out in _w8a8_paths(x, q, s, None):
+        assert torch.equal(out, ref.int8_linear(x, q, s, None))
+        err = (out[1:4].double() - exact[1:4]).norm() / exact[1:4].norm()
+        if tiny >= 1e-38:
+            assert err < 0.05, err
+        elif tiny >= 1e-40:  # a denormal scale has fewer bits: coarser, still bounded
+            assert err < 0.5, err
+        else:  # the scale underflows to 0: q 0, output = bias (0 here), never NaN
+            assert (out[1:4] == 0).all()
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1), (3, 33, 13), (17, 100, 7), (33, 257, 65), (130, 64, 9)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_quantize_per_token_is_bitwise_the_reference(isa, shape, dtype):
+    x, _, _, _ = make(*shape, dtype)
+    q, s = ops.quantize_per_token(x)
+    qr, sr = ref.quantize_per_token(x)
+    assert torch.equal(q, qr) and torch.equal(s, sr)
+
+
+@pytest.mark.parametrize("m", [1, 2, 7, 8, 13])
+@pytest.mark.parametrize("k", [1, 33, 4096 + 17])
+def test_weight_minus_128_is_exact(isa, m, k):
+    # Weights from elsewhere may hold -128; sign tricks that negate the weight
+    # wrap it, so every tier and path must give the exact integer sums.
+    g = torch.Generator().manual_seed(m * 7919 + k)
+    x = (127 * (torch.randint(0, 2, (m, k), generator=g) * 2 - 1)).float()
+    w = torch.randint(-128, 128, (37, k), generator=g).to(torch.int8)
+    w[:5] = -128
+    w[5, : k // 2] = 127
+    exact = x.double() @ w.double().t()
+    for out in _w8a8_paths(x, w, torch.ones(37), None):
+        assert torch.equal(out.double(), exact)
+
+
+@pytest.mark.parametrize("m", [1, 9])
+def test_largest_exact_k(isa, m):
+    # 128 * 127 * K at the largest K whose sums still fit int32: the VNNI
+    # formulation's (q + 128) * w sums wrap on the way and must come back exact.
+    k = (2**31 - 1) // (128 * 127)
+    x = torch.full((m, k), 127.0)
+    x[:, 1::2] = -127.0 if m > 1 else 127.0
+    w = torch.full((3, k), -128, dtype=torch.int8)
+    w[1, ::3] = 127
+    # Column 0 sums to -128 * 127 * K = -2**10 * 2097151, exact in float32;
+    # the others round like the reference's exact sum does.
+    expected = ref.int8_linear(x, w, torch.ones(3), None)
+    assert expected[0, 0] == -128 * 127 * k * (1 if m == 1 else 0) or m > 1
+    for out in _w8a8_paths(x, w, torch.ones(3), None):
+        assert torch.equal(out, expected)
+
+
+@pytest.mark.parametrize("shape", SHAPES + [(8, 70, 33), (61, 129, 64), (7, 4, 100)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_packed_is_bitwise_the_reference(isa, shape, dtype):
+    x, q, s, b = make(*shape, dtype)
+    packed = ops.int8_pack_weight(q)
+    assert packed.dtype == torch.int8 and packed.dim() == 1
+    assert torch.equal(ops.int8_linear_packed(x, q, s, b, packed), ref.int8_linear(x, q, s, b))
+    assert torch.equal(ops.int8_linear_packed(x, q, s, None, packed), ref.int8_linear(x, q, s, None))
+
+
+def test_packed_bytes_are_the_same_on_every_tier():
+    _, q, _, _ = make(1, 301, 45)
+    before = ops.build_info()["cpu_isa"]
+    try:
+        packs = []
+        for name in ISAS:
+            ops.set_cpu_isa(name)
+            packs.append(ops.int8_pack_weight(q))
+    finally:
+        ops.set_cpu_isa(before)
+    assert all(torch.equal(p, packs[0]) for p in packs)
+    # ~1 byte per weight: 16-column panels of 4-k groups, plus header and column sums.
+    n, k = q.shape
+    assert packs[0].numel() == 64 + 3 * 16 * 4 * ((k + 3) // 4) + 4 * 48
+
+
+def test_packed_refuses_what_it_was_not_made_for():
+    x, q, s, b = make(3, 40, 20)
+    packed = ops.int8_pack_weight(q)
+    other = ops.int8_pack_weight(q[:, :39].contiguous())
+    with pytest.raises(ValueError, match="not made by int8_pack_weight"):
+        ops.int8_linear_packed(x, q, s, b, other)
+    with pytest.raises(ValueError, match="not made by int8_pack_weight"):
+        ops.int8_linear_packed(x, q, s, b, torch.zeros_like(packed))
+    with pytest.raises(TypeError, match="packed must be int8"):
+        ops.int8_linear_packed(x, q, s, b, packed.view(torch.uint8))
+    changed = q.clone()
+    changed.neg_()
+    with pytest.raises(ValueError, match="weight changed after packing"):
+        ops.int8_linear_packed(x, changed, s, b, packed)
+    with pytest.raises(TypeError, match="weight must be int8"):
+        ops.int8_pack_weight(q.float())
+
+
+def test_packed_opcheck_and_gradients():
+    x, q, s, b = make(5, 33, 7)
+    packed = ops.int8_pack_weight(q)
+    fn = torch.ops.peft_ext.int8_linear_packed.default
+    torch.library.opcheck(fn, (x, q, s, b, packed))
+    torch.library.opcheck(fn, (x.requires_grad_(), q, s, b.requires_grad_(), packed))
+    torch.library.opcheck(torch.ops.peft_ext.int8_pack_weight.default, (q,))
+
+
+def test_isa_names_are_checked():
+    with pytest.raises(ValueError, match="must be 'scalar', 'avx2', 'avx_vnni' or 'avx512_vnni'"):
+        ops.set_cpu_isa("bogus")
+    from conftest import ALL_ISAS, ISAS
+    for name in ALL_ISAS:
+        if name not in ISAS:
+            with pytest.raises(ValueError, match="does not support"):
+                ops.set_cpu_isa(name)
+    assert ops.build_info()["cpu_isa_detected"] == ISAS[-1]
+
+
+def _run_with_env(isa, code):
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, PEFT_EXT_CPU_ISA=isa)
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_env_var_selects_and_refuses_tiers():
+    ok = _run_with_env("scalar", "from peft_ext import ops; print(ops.build_info()['cpu_isa'])")
+    assert ok.returncode == 0 and ok.stdout.strip() == "scalar", ok.stderr
+    bad = _run_with_env("bogus", "from peft_ext import ops; ops.build_info()")
+    assert bad.returncode != 0 and "PEFT_EXT_CPU_ISA must be" in bad.stderr and "bogus" in bad.stderr
+    info = _run_with_env("", "from peft_ext.__main__ import main; main(['info'])")
+    assert f"CPU kernel ISA in use: {ops.build_info()['cpu_isa_detected']}" in info.stdout, info.stderr

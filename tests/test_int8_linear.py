@@ -130,8 +130,6 @@ def test_load_accepts_minus_128(isa, mode):
     sd["weight"][0, 0] = -128
     q.load_state_dict(sd)
     assert q.weight[0, 0] == -128
-    if mode == "dynamic" and isa == "avx2":
-        pytest.xfail("the AVX2 W8A8 kernel's sign trick mishandles -128 (csrc, issue 10 item 3)")
     x = torch.randn(3, 40)
     fn = ref.int8_linear if mode == "dynamic" else ref.int8_linear_weight_only
     torch.testing.assert_close(q(x), fn(x, q.weight, q.weight_scale, q.bias))
@@ -179,3 +177,66 @@ def test_meta_input_with_cpu_weights_raises(mode):
         q(torch.randn(2, 40, device="meta"))
     meta = Int8Linear(40, 24, mode=mode, device="meta")  # a meta module with meta input: shapes only
     assert meta(torch.randn(2, 40, device="meta")).shape == (2, 24)
+
+
+def _packed_ok(q):
+    # The prepacked copy exists, is for this weight, and is not in the state dict.
+    assert q._packed is not None and q._packed_key == q._weight_key()
+    assert set(q.state_dict()) <= {"weight", "weight_scale", "bias"}
+    assert "_packed" not in dict(q.named_buffers())
+
+
+def test_dynamic_mode_prepacks_and_stays_exact(isa):
+    q = Int8Linear.from_linear(linear(k=70, n=37))
+    _packed_ok(q)
+    n, k = q.weight.shape
+    assert q._packed.numel() == 64 + 3 * 16 * 4 * ((k + 3) // 4) + 4 * 48
+    x = torch.randn(9, 70)
+    assert torch.equal(q(x), ref.int8_linear(x, q.weight, q.weight_scale, q.bias))
+    assert Int8Linear.from_linear(linear(), mode="weight_only")._packed is None
+
+
+def test_packed_weight_follows_weight_changes(isa):
+    q = Int8Linear.from_linear(linear())
+    x = torch.randn(10, 40)
+    # In place (load_state_dict copies into the buffer; so does this).
+    q.weight.copy_(torch.randint(-128, 128, q.weight.shape, dtype=torch.int8))
+    assert torch.equal(q(x), ref.int8_linear(x, q.weight, q.weight_scale, q.bias))
+    _packed_ok(q)
+    # A new tensor.
+    q.weight = torch.randint(-128, 128, q.weight.shape, dtype=torch.int8)
+    assert torch.equal(q(x), ref.int8_linear(x, q.weight, q.weight_scale, q.bias))
+    # load_state_dict repacks at load time.
+    other = Int8Linear.from_linear(linear(seed=3))
+    q.load_state_dict(other.state_dict())
+    _packed_ok(q)
+    assert torch.equal(q(x), other(x))
+    # .to() / dtype moves, deepcopy and pickle.
+    for moved in (q.bfloat16().float(), copy.deepcopy(q), pickle.loads(pickle.dumps(q))):
+        assert torch.equal(moved(x), ref.int8_linear(x, q.weight, q.weight_scale, q.bias))
+        _packed_ok(moved)
+
+
+def test_packed_survives_a_tier_change():
+    from peft_ext import ops
+    from conftest import ISAS
+
+    q = Int8Linear.from_linear(linear(k=100, n=33))
+    x = torch.randn(12, 100)
+    expected = ref.int8_linear(x, q.weight, q.weight_scale, q.bias)
+    before = ops.build_info()["cpu_isa"]
+    try:
+        for name in ISAS:
+            ops.set_cpu_isa(name)
+            assert torch.equal(q(x), expected), name
+    finally:
+        ops.set_cpu_isa(before)
+
+
+def test_prepack_can_be_turned_off():
+    q = Int8Linear.from_linear(linear())
+    q.prepack = False
+    q._repack()
+    x = torch.randn(9, 40)
+    assert q._packed is None
+    assert torch.equal(q(x), ref.int8_linear(x, q.weight, q.weight_scale, q.bias))

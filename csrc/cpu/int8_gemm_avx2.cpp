@@ -1,8 +1,6 @@
 // AVX2/FMA int8 kernels. Each function carries a target attribute instead of the
 // whole file being built with -mavx2, so the library stays loadable on any
 // x86-64 CPU; cpu_features decides at run time whether these are called.
-#include <immintrin.h>
-
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
@@ -10,47 +8,32 @@
 
 #include <c10/util/Exception.h>
 
+#include "avx2.h"
 #include "int8_kernels.h"
-
-#define PEFT_AVX2 __attribute__((target("avx2,fma,f16c")))
 
 namespace peft_ext::cpu {
 
 namespace {
 
-PEFT_AVX2 inline int32_t hsum_epi32(__m256i v) {
-  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
-  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
-  return _mm_cvtsi128_si32(s);
-}
-
-PEFT_AVX2 inline float hsum_ps(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
 // One 32-byte step of MR x NR int8 dot products. vpmaddubsw multiplies u8 by s8
-// and saturates pairs at int16: with a = |x| (<= 127) and b = sign(x) * w
-// (|w| <= 127) a pair sums to at most 2 * 127 * 127 = 32258, so it never
-// saturates and the result is the exact x * w. vpmaddwd with ones widens to int32.
-// Each weight vector is loaded once and used for all MR rows.
+// and saturates pairs at int16: with a = |w| (<= 128, as u8) and b = sign(w) * x
+// (|x| <= 127) a pair sums to at most 2 * 128 * 127 = 32512, so it never
+// saturates and the result is the exact x * w, also for a weight of -128
+// (the other way round, sign(x) * w, would wrap -(-128) to -128).
+// vpmaddwd with ones widens to int32. Each weight vector is loaded once and
+// used for all MR rows.
 template <int MR, int NR>
-PEFT_AVX2 inline void step_s8(const int8_t* const* wrows, int64_t k, const int8_t* q,
-                              const uint8_t* aq, int64_t ldq, __m256i (&acc)[MR][NR]) {
+PEFT_AVX2 inline void step_s8(const int8_t* const* wrows, int64_t k, const int8_t* q, int64_t ldq,
+                              __m256i (&acc)[MR][NR]) {
   const __m256i ones = _mm256_set1_epi16(1);
-  __m256i xs[MR], xa[MR];
-  for (int i = 0; i < MR; ++i) {
-    xs[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + i * ldq));
-    xa[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(aq + i * ldq));
-  }
+  __m256i xs[MR];
+  for (int i = 0; i < MR; ++i) xs[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + i * ldq));
   for (int j = 0; j < NR; ++j) {
     const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wrows[j] + k));
+    const __m256i wa = _mm256_abs_epi8(w);
     for (int i = 0; i < MR; ++i) {
-      __m256i t = _mm256_sign_epi8(w, xs[i]);
-      t = _mm256_maddubs_epi16(xa[i], t);
+      __m256i t = _mm256_sign_epi8(xs[i], w);
+      t = _mm256_maddubs_epi16(wa, t);
       t = _mm256_madd_epi16(t, ones);
       acc[i][j] = _mm256_add_epi32(acc[i][j], t);
     }
@@ -59,13 +42,13 @@ PEFT_AVX2 inline void step_s8(const int8_t* const* wrows, int64_t k, const int8_
 
 // Full-K dot products of MR activation rows with NR weight rows into out[MR][NR].
 template <int MR, int NR>
-PEFT_AVX2 void tile_s8(const int8_t* q, const uint8_t* aq, int64_t ldq,
-                       const int8_t* const* wrows, int64_t K, int32_t* out) {
+PEFT_AVX2 void tile_s8(const int8_t* q, int64_t ldq, const int8_t* const* wrows, int64_t K,
+                       int32_t* out) {
   __m256i acc[MR][NR];
   for (int i = 0; i < MR; ++i)
     for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_setzero_si256();
   const int64_t k32 = K & ~int64_t{31};
-  for (int64_t k = 0; k < k32; k += 32) step_s8<MR, NR>(wrows, k, q + k, aq + k, ldq, acc);
+  for (int64_t k = 0; k < k32; k += 32) step_s8<MR, NR>(wrows, k, q + k, ldq, acc);
   if (k32 < K) {
     // Weight rows are not padded: copy their tails into zeroed blocks rather
     // than read past the end of the buffer. Activations are padded with zeros.
@@ -76,7 +59,7 @@ PEFT_AVX2 void tile_s8(const int8_t* q, const uint8_t* aq, int64_t ldq,
       std::memcpy(tail[j], wrows[j] + k32, static_cast<size_t>(K - k32));
       tails[j] = tail[j];
     }
-    step_s8<MR, NR>(tails, 0, q + k32, aq + k32, ldq, acc);
+    step_s8<MR, NR>(tails, 0, q + k32, ldq, acc);
   }
   for (int i = 0; i < MR; ++i)
     for (int j = 0; j < NR; ++j) out[i * NR + j] = hsum_epi32(acc[i][j]);
@@ -99,6 +82,33 @@ PEFT_AVX2 void tile_wo(const float* x, const int8_t* const* wrows, int64_t K, fl
     for (int64_t k = k8; k < K; ++k) s += x[k] * static_cast<float>(wrows[j][k]);
     out[j] = s;
   }
+}
+
+// MR activation rows x NR weight rows: each weight vector is converted to
+// float once and used by all MR rows. Same summation order per (row, column)
+// as tile_wo (8 lanes, then the horizontal sum, then the scalar tail).
+template <int MR, int NR>
+PEFT_AVX2 void tile_wo_rows(const float* x, int64_t ldx, const int8_t* const* wrows, int64_t K,
+                            float* out) {
+  __m256 acc[MR][NR];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_setzero_ps();
+  const int64_t k8 = K & ~int64_t{7};
+  for (int64_t k = 0; k < k8; k += 8) {
+    __m256 xv[MR];
+    for (int i = 0; i < MR; ++i) xv[i] = _mm256_loadu_ps(x + i * ldx + k);
+    for (int j = 0; j < NR; ++j) {
+      const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(wrows[j] + k));
+      const __m256 wv = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
+      for (int i = 0; i < MR; ++i) acc[i][j] = _mm256_fmadd_ps(xv[i], wv, acc[i][j]);
+    }
+  }
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) {
+      float s = hsum_ps(acc[i][j]);
+      for (int64_t k = k8; k < K; ++k) s += x[i * ldx + k] * static_cast<float>(wrows[j][k]);
+      out[i * NR + j] = s;
+    }
 }
 
 PEFT_AVX2 inline void transpose8_store(__m256i (&v)[8], int8_t* dst) {
@@ -148,7 +158,7 @@ PEFT_AVX2 inline void store8(const Epilogue& ep, int64_t i, __m256 v) {
 
 // One row of a 16-column tile through the epilogue, vectorized. The arithmetic
 // order matches Epilogue::store, so both give identical results.
-PEFT_AVX2 inline void store_row16(const Epilogue& ep, int64_t m, int64_t n, int64_t nr,
+PEFT_AVX2 inline void store_row16_impl(const Epilogue& ep, int64_t m, int64_t n, int64_t nr,
                                   const int32_t* acc) {
   if (nr < 16) {
     for (int64_t j = 0; j < nr; ++j) ep.store(m, n + j, static_cast<float>(acc[j]));
@@ -163,72 +173,97 @@ PEFT_AVX2 inline void store_row16(const Epilogue& ep, int64_t m, int64_t n, int6
   }
 }
 
-// Packed panel of 16 weight rows for the outer-product kernel: for every group
-// of 4 k, the 4 bytes of each of the 16 rows side by side ([ceil(K/4)][16][4]),
-// so one 32-byte load holds 8 columns x 4 k. Rows past n1 and k past K are zero.
-// Blocks of 32 k are transposed in registers; the tail goes group by group.
-PEFT_AVX2 void pack_panel(const int8_t* w, int64_t K, int64_t n, int64_t n1, int8_t* panel) {
+// Panel p of the weight (layout in int8_kernels.h). Blocks of 32 k are
+// transposed in registers, 8 rows at a time; the tail goes group by group.
+PEFT_AVX2 void pack_panel(const int8_t* w, int64_t N, int64_t K, int64_t p, int8_t* panel) {
+  const int64_t n = p * kPanelCols;
   const int64_t k32 = K & ~int64_t{31};
   for (int64_t k = 0; k < k32; k += 32) {
     for (int half = 0; half < 2; ++half) {
       __m256i v[8];
       for (int r = 0; r < 8; ++r) {
         const int64_t row = n + 8 * half + r;
-        v[r] = row < n1 ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + row * K + k))
-                        : _mm256_setzero_si256();
+        v[r] = row < N ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + row * K + k))
+                       : _mm256_setzero_si256();
       }
       transpose8_store(v, panel + 16 * k + 32 * half);
     }
   }
-  const int64_t kq = (K + 3) / 4;
+  const int64_t kq = k_groups(K);
   for (int j = 0; j < 16; ++j) {
-    const int8_t* row = w + (n + j) * K;
     for (int64_t t = k32 / 4; t < kq; ++t) {
       int8_t* dst = panel + 64 * t + 4 * j;
       for (int b = 0; b < 4; ++b) {
         const int64_t k = 4 * t + b;
-        dst[b] = n + j < n1 && k < K ? row[k] : 0;
+        dst[b] = n + j < N && k < K ? w[(n + j) * K + k] : 0;
       }
     }
   }
 }
 
-// MR activation rows x 16 columns over kq groups of 4 k. Each activation
-// 4-byte group is broadcast to all lanes; the sign trick of step_s8 keeps
-// vpmaddubsw exact. (Measured here: ~20 multiply-adds per cycle against ~14
-// for an int16 vpmaddwd variant.)
+// MR activation rows x 16 columns (one panel) over kq groups of 4 k. Each
+// activation 4-byte group is broadcast to all lanes; the operand roles of
+// step_s8 (|w| unsigned, sign(w) * x signed) keep vpmaddubsw exact, -128
+// included. (Measured here: ~20 multiply-adds per cycle against ~14 for an
+// int16 vpmaddwd variant.)
 template <int MR>
-PEFT_AVX2 void micro_s8(const int8_t* q, const uint8_t* aq, int64_t ldq, const int8_t* panel,
-                        int64_t kq, int32_t (&out)[4][16]) {
+PEFT_AVX2 void micro_s8(const uint8_t* x, int64_t ldx, const int8_t* panel, int64_t kq,
+                        int32_t* out) {
   const __m256i ones = _mm256_set1_epi16(1);
   __m256i acc[MR][2];
-  for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_si256();
+  for (int i = 0; i < MR; ++i) {
+    acc[i][0] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(out + i * kTileLd));
+    acc[i][1] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(out + i * kTileLd + 8));
+  }
   for (int64_t t = 0; t < kq; ++t) {
     const __m256i b0 = _mm256_load_si256(reinterpret_cast<const __m256i*>(panel + 64 * t));
     const __m256i b1 = _mm256_load_si256(reinterpret_cast<const __m256i*>(panel + 64 * t + 32));
+    const __m256i a0 = _mm256_abs_epi8(b0);
+    const __m256i a1 = _mm256_abs_epi8(b1);
     for (int i = 0; i < MR; ++i) {
-      int32_t xs4, xa4;
-      std::memcpy(&xs4, q + i * ldq + 4 * t, 4);
-      std::memcpy(&xa4, aq + i * ldq + 4 * t, 4);
-      const __m256i xs = _mm256_set1_epi32(xs4);
-      const __m256i xa = _mm256_set1_epi32(xa4);
+      int32_t x4;
+      std::memcpy(&x4, x + i * ldx + 4 * t, 4);
+      const __m256i xb = _mm256_set1_epi32(x4);
       acc[i][0] = _mm256_add_epi32(
-          acc[i][0], _mm256_madd_epi16(_mm256_maddubs_epi16(xa, _mm256_sign_epi8(b0, xs)), ones));
+          acc[i][0], _mm256_madd_epi16(_mm256_maddubs_epi16(a0, _mm256_sign_epi8(xb, b0)), ones));
       acc[i][1] = _mm256_add_epi32(
-          acc[i][1], _mm256_madd_epi16(_mm256_maddubs_epi16(xa, _mm256_sign_epi8(b1, xs)), ones));
+          acc[i][1], _mm256_madd_epi16(_mm256_maddubs_epi16(a1, _mm256_sign_epi8(xb, b1)), ones));
     }
   }
   for (int i = 0; i < MR; ++i) {
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out[i]), acc[i][0]);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out[i] + 8), acc[i][1]);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i * kTileLd), acc[i][0]);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i * kTileLd + 8), acc[i][1]);
+  }
+}
+
+PEFT_AVX2 void micro_avx2(const uint8_t* x, int64_t ldx, int mr, const int8_t* panel,
+                          int64_t /*ps*/, int /*np*/, int64_t kq, int32_t* out) {
+  switch (mr) {
+    case 4: micro_s8<4>(x, ldx, panel, kq, out); break;
+    case 3: micro_s8<3>(x, ldx, panel, kq, out); break;
+    case 2: micro_s8<2>(x, ldx, panel, kq, out); break;
+    default: micro_s8<1>(x, ldx, panel, kq, out); break;
   }
 }
 
 }  // namespace
 
+PEFT_AVX2 void store_row16_avx2(const Epilogue& ep, int64_t m, int64_t n, int64_t nr,
+                                const int32_t* acc) {
+  store_row16_impl(ep, m, n, nr, acc);
+}
+
+PackedKernel packed_kernel_avx2() { return {micro_avx2, store_row16_avx2, 4, 1, false}; }
+
+PEFT_AVX2 void pack_panels_avx2(const int8_t* w, int64_t N, int64_t K, int64_t p0, int64_t p1,
+                                int8_t* dst) {
+  for (int64_t p = p0; p < p1; ++p) pack_panel(w, N, K, p, dst + (p - p0) * panel_bytes(K));
+}
+
 PEFT_AVX2 void quantize_rows_avx2(const float* x, int64_t ldx, int64_t M, int64_t K, int8_t* q,
-                                  uint8_t* aq, int64_t ldq, float* scale) {
+                                  int64_t ldq, float* scale) {
   const __m256 sign = _mm256_set1_ps(-0.0f);
+  const __m256 inf = _mm256_set1_ps(INFINITY);
   const __m256i lim = _mm256_set1_epi32(127);
   const __m256i nlim = _mm256_set1_epi32(-127);
   // packs interleave 128-bit lanes; this restores element order.
@@ -236,25 +271,39 @@ PEFT_AVX2 void quantize_rows_avx2(const float* x, int64_t ldx, int64_t M, int64_
   const int64_t k32 = K & ~int64_t{31};
   for (int64_t m = 0; m < M; ++m) {
     const float* xr = x + m * ldx;
+    int8_t* qr = q + m * ldq;
     __m256 mx = _mm256_setzero_ps();
+    // |x| not below inf, or unordered: inf or NaN.
+    __m256 bad = _mm256_setzero_ps();
     int64_t k = 0;
-    for (; k + 8 <= K; k += 8) mx = _mm256_max_ps(mx, _mm256_andnot_ps(sign, _mm256_loadu_ps(xr + k)));
+    for (; k + 8 <= K; k += 8) {
+      const __m256 a = _mm256_andnot_ps(sign, _mm256_loadu_ps(xr + k));
+      mx = _mm256_max_ps(mx, a);
+      bad = _mm256_or_ps(bad, _mm256_cmp_ps(a, inf, _CMP_NLT_UQ));
+    }
     __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
     m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
     m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
     float absmax = _mm_cvtss_f32(m4);
-    for (; k < K; ++k) absmax = std::max(absmax, std::fabs(xr[k]));
+    bool finite = _mm256_movemask_ps(bad) == 0;
+    for (; k < K; ++k) {
+      finite = finite && std::isfinite(xr[k]);
+      absmax = std::max(absmax, std::fabs(xr[k]));
+    }
     const float s = absmax / 127.0f;
-    const float inv = absmax > 0.0f ? 1.0f / s : 0.0f;
+    // absmax 0, or so small (< ~1.8e-43) that the scale underflows to 0: q 0.
+    if (!finite || s == 0.0f) {
+      scale[m] = finite ? 0.0f : NAN;
+      std::memset(qr, 0, static_cast<size_t>(ldq));
+      continue;
+    }
     scale[m] = s;
-    int8_t* qr = q + m * ldq;
-    uint8_t* ar = aq + m * ldq;
-    const __m256 vinv = _mm256_set1_ps(inv);
+    const __m256 vs = _mm256_set1_ps(s);
     for (k = 0; k < k32; k += 32) {
       __m256i v[4];
       for (int p = 0; p < 4; ++p) {
         // cvtps2dq rounds half to even under the default MXCSR, like torch.round.
-        __m256i r = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xr + k + 8 * p), vinv));
+        __m256i r = _mm256_cvtps_epi32(_mm256_div_ps(_mm256_loadu_ps(xr + k + 8 * p), vs));
         v[p] = _mm256_max_epi32(_mm256_min_epi32(r, lim), nlim);
       }
       const __m256i w16a = _mm256_packs_epi32(v[0], v[1]);
@@ -262,21 +311,18 @@ PEFT_AVX2 void quantize_rows_avx2(const float* x, int64_t ldx, int64_t M, int64_
       __m256i b = _mm256_packs_epi16(w16a, w16b);
       b = _mm256_permutevar8x32_epi32(b, order);
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(qr + k), b);
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(ar + k), _mm256_abs_epi8(b));
     }
     for (; k < K; ++k) {
-      float r = std::nearbyint(xr[k] * inv);
+      float r = std::nearbyint(xr[k] / s);
       r = std::min(127.0f, std::max(-127.0f, r));
       qr[k] = static_cast<int8_t>(r);
-      ar[k] = static_cast<uint8_t>(std::abs(static_cast<int>(r)));
     }
     std::memset(qr + K, 0, static_cast<size_t>(ldq - K));
-    std::memset(ar + K, 0, static_cast<size_t>(ldq - K));
   }
 }
 
-PEFT_AVX2 void gemm_s8_avx2(const int8_t* q, const uint8_t* aq, int64_t ldq, const int8_t* w,
-                            int64_t M, int64_t K, int64_t n0, int64_t n1, const Epilogue& ep) {
+PEFT_AVX2 void gemm_s8_avx2(const int8_t* q, int64_t ldq, const int8_t* w, int64_t M, int64_t K,
+                            int64_t n0, int64_t n1, const Epilogue& ep) {
   // Two activation rows share each weight load; a lone row (decode, M = 1)
   // streams eight weight rows at once instead, to keep more loads in flight.
   constexpr int NR = 4, NR1 = 8;
@@ -295,9 +341,9 @@ PEFT_AVX2 void gemm_s8_avx2(const int8_t* q, const uint8_t* aq, int64_t ldq, con
         for (int j = 0; j < step; ++j) rows[j] = w + std::min<int64_t>(n + j, ne - 1) * K;
         int32_t res[2 * NR];
         if (pair) {
-          tile_s8<2, NR>(q + m * ldq, aq + m * ldq, ldq, rows, K, res);
+          tile_s8<2, NR>(q + m * ldq, ldq, rows, K, res);
         } else {
-          tile_s8<1, NR1>(q + m * ldq, aq + m * ldq, ldq, rows, K, res);
+          tile_s8<1, NR1>(q + m * ldq, ldq, rows, K, res);
         }
         const int64_t mr = pair ? 2 : 1;
         for (int64_t i = 0; i < mr; ++i)
@@ -309,45 +355,33 @@ PEFT_AVX2 void gemm_s8_avx2(const int8_t* q, const uint8_t* aq, int64_t ldq, con
 
 PEFT_AVX2 void gemm_wo_avx2(const float* x, int64_t ldx, const int8_t* w, int64_t M, int64_t K,
                             int64_t n0, int64_t n1, const Epilogue& ep) {
-  constexpr int NR = 8;
-  for (int64_t n = n0; n < n1; n += NR) {
-    const int64_t nr = std::min<int64_t>(NR, n1 - n);
-    const int8_t* rows[NR];
-    for (int j = 0; j < NR; ++j) rows[j] = w + std::min<int64_t>(n + j, n1 - 1) * K;
-    for (int64_t m = 0; m < M; ++m) {
-      float res[NR];
-      tile_wo<NR>(x + m * ldx, rows, K, res);
-      for (int64_t j = 0; j < nr; ++j) ep.store(m, n + j, res[j]);
+  // A lone row streams eight weight rows at once; several rows share each
+  // converted weight vector, four rows by two weight rows at a time.
+  constexpr int NR1 = 8, MR = 4, NR = 2;
+  const int64_t step = M == 1 ? NR1 : NR;
+  for (int64_t n = n0; n < n1; n += step) {
+    const int64_t nr = std::min<int64_t>(step, n1 - n);
+    const int8_t* rows[NR1];
+    for (int j = 0; j < step; ++j) rows[j] = w + std::min<int64_t>(n + j, n1 - 1) * K;
+    if (M == 1) {
+      float res[NR1];
+      tile_wo<NR1>(x, rows, K, res);
+      for (int64_t j = 0; j < nr; ++j) ep.store(0, n + j, res[j]);
+      continue;
     }
-  }
-}
-
-PEFT_AVX2 void gemm_s8_packed_avx2(const int8_t* q, const uint8_t* aq, int64_t ldq,
-                                   const int8_t* w, int64_t M, int64_t K, int64_t n0, int64_t n1,
-                                   const Epilogue& ep) {
-  const int64_t kq = (K + 3) / 4;
-  // One panel of 16 weight rows (K * 16 bytes, L2 resident) serves every group
-  // of 4 activation rows.
-  auto* panel = static_cast<int8_t*>(std::aligned_alloc(32, static_cast<size_t>(kq * 64)));
-  TORCH_CHECK(panel != nullptr, "int8_linear: out of memory for a packed weight panel");
-  alignas(32) int32_t res[4][16];
-  for (int64_t n = n0; n < n1; n += 16) {
-    pack_panel(w, K, n, n1, panel);
-    const int64_t nr = std::min<int64_t>(16, n1 - n);
-    for (int64_t m = 0; m < M; m += 4) {
-      const int64_t mr = std::min<int64_t>(4, M - m);
-      const int8_t* qm = q + m * ldq;
-      const uint8_t* am = aq + m * ldq;
+    for (int64_t m = 0; m < M; m += MR) {
+      const int64_t mr = std::min<int64_t>(MR, M - m);
+      float res[MR * NR];
       switch (mr) {
-        case 4: micro_s8<4>(qm, am, ldq, panel, kq, res); break;
-        case 3: micro_s8<3>(qm, am, ldq, panel, kq, res); break;
-        case 2: micro_s8<2>(qm, am, ldq, panel, kq, res); break;
-        default: micro_s8<1>(qm, am, ldq, panel, kq, res); break;
+        case 4: tile_wo_rows<4, NR>(x + m * ldx, ldx, rows, K, res); break;
+        case 3: tile_wo_rows<3, NR>(x + m * ldx, ldx, rows, K, res); break;
+        case 2: tile_wo_rows<2, NR>(x + m * ldx, ldx, rows, K, res); break;
+        default: tile_wo_rows<1, NR>(x + m * ldx, ldx, rows, K, res); break;
       }
-      for (int64_t i = 0; i < mr; ++i) store_row16(ep, m + i, n, nr, res[i]);
+      for (int64_t i = 0; i < mr; ++i)
+        for (int64_t j = 0; j < nr; ++j) ep.store(m + i, n + j, res[i * NR + j]);
     }
   }
-  std::free(panel);
 }
 
 }  // namespace peft_ext::cpu

@@ -202,7 +202,7 @@ at::Tensor sparse24_linear_cpu(const at::Tensor& x, const at::Tensor& values, co
   const int64_t N = nk.first, K = nk.second;
   const at::Tensor v = values.to(at::kFloat).contiguous();
   const Sp24 w{v.data_ptr<float>(), indices.data_ptr<uint8_t>(), K};
-  const bool avx2 = active_isa() == Isa::Avx2;
+  const bool avx2 = uses_avx2(active_isa());
   const int64_t M = x.numel() / std::max<int64_t>(1, K);
   return run(
       x, N, N, K / 2, avx2 && M >= kSp24TransposedMinM, bias,
@@ -221,7 +221,7 @@ at::Tensor csr_linear_cpu(const at::Tensor& x, const at::Tensor& crow, const at:
   check_rows(crow, col, in_features, "values");
   const at::Tensor v = values.to(at::kFloat).contiguous();
   const Csr w{crow.data_ptr<int64_t>(), col.data_ptr<int32_t>(), v.data_ptr<float>()};
-  const bool avx2 = active_isa() == Isa::Avx2;
+  const bool avx2 = uses_avx2(active_isa());
   const int64_t M = x.numel() / std::max<int64_t>(1, in_features);
   const int64_t per_row = std::max<int64_t>(1, values.numel() / std::max<int64_t>(1, N));
   return run(
@@ -242,7 +242,7 @@ at::Tensor bsr_linear_cpu(const at::Tensor& x, const at::Tensor& crow, const at:
   check_rows(crow, col, in_features / bw, "blocks");
   const at::Tensor v = values.to(at::kFloat).contiguous();
   const Bsr w{crow.data_ptr<int64_t>(), col.data_ptr<int32_t>(), v.data_ptr<float>(), bh, bw};
-  const bool avx2 = active_isa() == Isa::Avx2;
+  const bool avx2 = uses_avx2(active_isa());
   const int64_t M = x.numel() / std::max<int64_t>(1, in_features);
   const int64_t per_unit = std::max<int64_t>(1, values.numel() / std::max<int64_t>(1, R));
   return run(

@@ -1,26 +1,15 @@
 // AVX2/FMA sparse-weight kernels, chosen at run time like int8_gemm_avx2.cpp
 // (per-function target attributes, no -mavx2 on the file).
-#include <immintrin.h>
-
 #include <algorithm>
 #include <cstring>
 #include <vector>
 
+#include "avx2.h"
 #include "sparse_kernels.h"
-
-#define PEFT_AVX2 __attribute__((target("avx2,fma")))
-#define PEFT_AVX2_LAMBDA __attribute__((target("avx2,fma"), always_inline))
 
 namespace peft_ext::cpu {
 
 namespace {
-
-PEFT_AVX2 inline float hsum_ps(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
 
 // One weight row against MR activation rows. Eight kept values cover 16
 // columns: their x values are picked out of two 8-wide loads by a permute

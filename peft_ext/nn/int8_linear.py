@@ -8,6 +8,10 @@ from ..ops import int8 as ops
 MODES = ("dynamic", "weight_only")
 
 
+def _repack_after_load(module, incompatible_keys):
+    module._repack()
+
+
 class Int8Linear(nn.Module):
     """y = x @ W^T + b with W stored as per-output-channel int8.
 
@@ -27,10 +31,18 @@ class Int8Linear(nn.Module):
     bits) and returned as float64. Loading a state dict refuses a `weight` that
     is not int8 or comes without its `weight_scale` (strict or not): a float
     checkpoint must be loaded before patch().
+
+    In dynamic mode on the CPU the weight is also kept prepacked for the
+    kernels (`_packed`, about one more byte per weight plus 4 bytes per output
+    feature; not in the state dict, not counted as a buffer). It is rebuilt at
+    from_linear, load_state_dict and .to() time, and before a forward whenever
+    the weight tensor was replaced or modified in place. Set `prepack = False`
+    (on the class or one module) to save that memory at some speed (M >= 8).
     """
 
     compute_dtype = torch.float32  # class defaults: modules pickled before these existed
     weight_requires_grad = True
+    prepack = True
 
     def __init__(self, in_features, out_features, bias=True, mode="dynamic", device=None, dtype=None):
         super().__init__()
@@ -47,6 +59,22 @@ class Int8Linear(nn.Module):
             self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype or torch.float32))
         else:
             self.register_parameter("bias", None)
+        self._packed = self._packed_key = None
+        self.register_load_state_dict_post_hook(_repack_after_load)
+
+    def _weight_key(self):
+        w = self.weight
+        return (id(w), w.data_ptr(), w._version, w.device)
+
+    def _repack(self):
+        """Rebuild the prepacked weight (dynamic mode, CPU), or drop it."""
+        w = self.weight
+        if (self.prepack and self.mode == "dynamic" and w.device.type == "cpu" and w.dtype == torch.int8
+                and w.dim() == 2):
+            self._packed = ops.int8_pack_weight(w.contiguous())
+            self._packed_key = self._weight_key()
+        else:
+            self._packed = self._packed_key = None
 
     @classmethod
     def from_linear(cls, linear, mode="dynamic"):
@@ -65,6 +93,7 @@ class Int8Linear(nn.Module):
             module.bias.requires_grad_(linear.bias.requires_grad)
         module._source = "conv1d" if conv1d else "linear"
         module.weight_requires_grad = linear.weight.requires_grad
+        module._repack()
         return module
 
     def dequantized_weight(self, dtype=None):
@@ -107,6 +136,11 @@ class Int8Linear(nn.Module):
 
     def _linear(self, x, bias):
         if self.mode == "dynamic":
+            # Under torch.compile the plain-weight op runs (no repacking in a graph).
+            if self.prepack and self.weight.device.type == "cpu" and not torch.compiler.is_compiling():
+                if self._packed is None or self._packed_key != self._weight_key():
+                    self._repack()
+                return ops.int8_linear_packed(x, self.weight, self.weight_scale, bias, self._packed)
             return ops.int8_linear(x, self.weight, self.weight_scale, bias)
         return ops.int8_linear_weight_only(x, self.weight, self.weight_scale, bias)
 
@@ -131,6 +165,7 @@ class Int8Linear(nn.Module):
         if probe is None:
             probe = fn(torch.empty(0, dtype=self.compute_dtype, device=self.weight_scale.device))
         self.compute_dtype = probe.dtype
+        self._repack()
         return self
 
     def extra_repr(self):

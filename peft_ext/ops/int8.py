@@ -38,6 +38,17 @@ def int8_linear_weight_only(x, weight, weight_scale, bias=None):
     return _ops.int8_linear_weight_only(x, weight, weight_scale, bias)
 
 
+def int8_pack_weight(weight):
+    """The int8 weight prepacked for the CPU kernels (a derived int8 tensor of
+    about N * K + 4 * N bytes, valid on every CPU ISA tier); pass it to int8_linear_packed."""
+    return _ops.int8_pack_weight(weight)
+
+
+def int8_linear_packed(x, weight, weight_scale, bias, packed):
+    """int8_linear with the prepacked weight (packed must come from int8_pack_weight(weight))."""
+    return _ops.int8_linear_packed(x, weight, weight_scale, bias, packed)
+
+
 def int8_dequantize(weight, weight_scale, dtype=torch.float32):
     return _ops.int8_dequantize(weight, weight_scale, dtype)
 
@@ -65,13 +76,26 @@ torch.library.register_fake("peft_ext::int8_linear")(_linear_fake)
 torch.library.register_fake("peft_ext::int8_linear_weight_only")(_linear_fake)
 
 
+@torch.library.register_fake("peft_ext::int8_linear_packed")
+def _linear_packed_fake(x, weight, weight_scale, bias, packed):
+    return _linear_fake(x, weight, weight_scale, bias)
+
+
+@torch.library.register_fake("peft_ext::int8_pack_weight")
+def _int8_pack_weight_fake(weight):
+    n, k = weight.shape
+    panels = (n + 15) // 16
+    return weight.new_empty((64 + panels * 64 * ((k + 3) // 4) + 64 * panels,), dtype=torch.int8)
+
+
 @torch.library.register_fake("peft_ext::int8_dequantize")
 def _int8_dequantize_fake(weight, weight_scale, dtype):
     return weight.new_empty(weight.shape, dtype=dtype)
 
 
 def _linear_setup_context(ctx, inputs, output):
-    x, weight, weight_scale, bias = inputs
+    x, weight, weight_scale, bias = inputs[:4]
+    ctx.n_inputs = len(inputs)
     ctx.save_for_backward(weight, weight_scale)
     ctx.bias_dtype = None if bias is None else bias.dtype
 
@@ -85,8 +109,8 @@ def _linear_backward(ctx, grad):
         grad_x = grad @ int8_dequantize(weight, weight_scale, grad.dtype)
     if ctx.bias_dtype is not None and ctx.needs_input_grad[3]:
         grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0).to(ctx.bias_dtype)
-    return grad_x, None, None, grad_bias
+    return (grad_x, None, None, grad_bias) + (None,) * (ctx.n_inputs - 4)
 
 
-for _name in ("peft_ext::int8_linear", "peft_ext::int8_linear_weight_only"):
+for _name in ("peft_ext::int8_linear", "peft_ext::int8_linear_weight_only", "peft_ext::int8_linear_packed"):
     torch.library.register_autograd(_name, _linear_backward, setup_context=_linear_setup_context)
