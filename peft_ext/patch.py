@@ -8,12 +8,12 @@ from torch import nn
 
 from .nn.int8_linear import Int8Linear, _is_conv1d
 from .nn.sparse_linear import PATTERNS as SPARSE_PATTERNS, SparseLinear, choose_kernel
-from .ops import FLOAT_DTYPES
+from .ops import FLOAT_DTYPES, build_info
 
 QUANTIZE_MODES = {"int8": "dynamic", "int8_weight_only": "weight_only"}
 PATCHED_TYPES = (Int8Linear, SparseLinear)
 # int32 sums of int8 products stay exact up to this many input features.
-MAX_DYNAMIC_IN_FEATURES = 133144
+MAX_DYNAMIC_IN_FEATURES = int(build_info()["max_exact_k"])  # C++ kMaxExactK
 
 
 @dataclass
