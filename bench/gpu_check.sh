@@ -1,13 +1,18 @@
 #!/usr/bin/env bash
 # One run on a GPU machine (see ../shared/GPU.md), from the repository root:
 #   1. builds the extension in place against this machine's torch (sm_90 by default);
-#   2. runs the CUDA tests (every test marked `cuda` under tests/);
+#   2. runs the CUDA tests (every test marked `cuda` under tests/: int8, sparse,
+#      the prefetch ring, offload) and prints how many passed / failed /
+#      skipped in each file, so a silent gap shows;
 #   3. runs the GPU benchmarks: every bench/bench_*_cuda.py script (each takes
 #      --out DIR and writes DIR/<its name>.json with a "table" field) and any
 #      pytest benchmark under bench/ marked `cuda`;
-#   4. writes the full log, gpu_check.json (step status, GPU, torch, commit,
-#      date) and the benchmark JSON under $OUT (or bench/results/ when unset),
-#      and prints a short table last.
+#   4. when compute-sanitizer exists, runs the int8 and sparse CUDA tests under
+#      its memcheck and racecheck tools (last: they are slow, and must not cost
+#      the benchmark figures; GPU_CHECK_SANITIZER=0 skips them);
+#   5. writes the full log, gpu_check.json (step status, GPU, torch, commit,
+#      date, tests per file) and the benchmark JSON under $OUT (or
+#      bench/results/ when unset), and prints a short table last.
 # Every step runs even when an earlier one failed (a failing test must not cost
 # the benchmark figures); the exit status is non-zero if any step failed. The
 # steps share a time budget (GPU_CHECK_BUDGET_S, default 540 s) so the whole
@@ -81,7 +86,36 @@ run_step cuda_ready 30 "$PY" -c 'import torch; from peft_ext import ops
 assert torch.cuda.is_available(), "torch sees no GPU"
 assert ops.build_info().get("cuda") == "1", "extension built without CUDA: %s" % ops.build_info()
 print("CUDA kernels built for", ops.build_info()["cuda_archs"], "on", torch.cuda.get_device_name(0))'
-run_step tests 240 "$PY" -m pytest -q -ra -m cuda tests -p no:cacheprovider
+JUNIT="$(mktemp --suffix=.xml)"
+trap 'rm -f "$STATUS_FILE" "$JUNIT"' EXIT
+run_step tests 240 "$PY" -m pytest -q -ra -m cuda tests -p no:cacheprovider --junitxml="$JUNIT"
+# Tests per file and outcome: a file whose CUDA tests all skipped, or that has
+# none, shows here (and in gpu_check.json) instead of passing silently.
+"$PY" - "$JUNIT" "$OUT_DIR/cuda_tests_per_file.json" <<'PYEOF' 2>&1 | tee -a "$LOG" || true
+import collections, glob, json, os, sys
+import xml.etree.ElementTree as ET
+
+counts = collections.defaultdict(collections.Counter)
+try:
+    for case in ET.parse(sys.argv[1]).iter("testcase"):
+        name = case.get("classname", "").split(".")
+        path = next((p for p in name if p.startswith("test_")), "?") + ".py"
+        kind = "passed"
+        for child in case:
+            if child.tag in ("skipped", "failure", "error"):
+                kind = {"failure": "failed", "error": "errors"}.get(child.tag, "skipped")
+        counts[path][kind] += 1
+except (OSError, ET.ParseError) as exc:
+    print("no test report:", exc)
+for path in sorted(os.path.basename(p) for p in glob.glob("tests/test_*.py")):
+    counts.setdefault(path, collections.Counter())
+print("CUDA tests per file".ljust(28), "passed failed errors skipped")
+for path, c in sorted(counts.items()):
+    flag = "" if c["passed"] else "   <- none ran"
+    print(path.ljust(28), str(c["passed"]).rjust(6), str(c["failed"]).rjust(6),
+          str(c["errors"]).rjust(6), str(c["skipped"]).rjust(7), flag)
+json.dump({k: dict(v) for k, v in counts.items()}, open(sys.argv[2], "w"), indent=1)
+PYEOF
 
 for bench in bench/bench_*_cuda.py; do
   [[ -e "$bench" ]] || continue
@@ -91,6 +125,19 @@ done
 if grep -lq "mark.cuda\|requires_cuda" bench/*.py 2>/dev/null; then
   run_step pytest_bench_cuda 120 "$PY" -m pytest -q -m cuda bench --benchmark-only \
     --benchmark-json="$OUT_DIR/bench_pytest_cuda.json" -p no:cacheprovider
+fi
+
+# compute-sanitizer over the kernel tests (memory errors, shared-memory races).
+SANITIZER="${CUDA_HOME:+$CUDA_HOME/bin/}compute-sanitizer"
+[[ -x "$SANITIZER" ]] || SANITIZER="$(command -v compute-sanitizer || true)"
+if [[ "${GPU_CHECK_SANITIZER:-1}" != 0 && -n "$SANITIZER" && -x "$SANITIZER" ]]; then
+  for tool in memcheck racecheck; do
+    run_step "sanitizer_$tool" 150 "$SANITIZER" --tool "$tool" --error-exitcode 1 --print-limit 20 \
+      "$PY" -m pytest -q -x -m "cuda and not slow" tests/test_int8_cuda.py tests/test_sparse_cuda.py \
+      -p no:cacheprovider
+  done
+else
+  say "== compute-sanitizer: not run (${SANITIZER:-not found}, GPU_CHECK_SANITIZER=${GPU_CHECK_SANITIZER:-1})"
 fi
 
 # Status JSON and the short table: last in the output.
@@ -110,9 +157,14 @@ try:
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
 except OSError:
     commit = "unknown"
+try:
+    tests_per_file = json.load(open(os.path.join(out_dir, "cuda_tests_per_file.json")))
+except (OSError, ValueError):
+    tests_per_file = None
 summary = {"gpu": gpu, "torch": torch_version, "git_commit": commit or "unknown",
            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-           "steps": steps, "ok": all(rc == 0 for rc in steps.values())}
+           "steps": steps, "ok": all(rc == 0 for rc in steps.values()),
+           "cuda_tests_per_file": tests_per_file}
 with open(os.path.join(out_dir, "gpu_check.json"), "w") as f:
     json.dump(summary, f, indent=1)
 print()

@@ -1,21 +1,20 @@
-// Argument checks shared by the CPU and CUDA int8 ops. TORCH_CHECK_TYPE and
-// TORCH_CHECK_VALUE surface in Python as TypeError and ValueError, naming the
-// offending argument.
+// Argument checks shared by the CPU and CUDA int8 ops (the generic ones, float
+// input and bias, live in linear_common.h).
 #pragma once
 
 #include <ATen/ATen.h>
 
+#include "linear_common.h"
+
 namespace peft_ext {
 
-// int32 accumulation of int8 x int8 products is exact while K * 127 * 127 fits.
-constexpr int64_t kMaxInt8Dot = 133144;
-
-inline void check_float_input(const at::Tensor& x, const char* name) {
-  const auto t = x.scalar_type();
-  TORCH_CHECK_TYPE(t == at::kFloat || t == at::kBFloat16 || t == at::kHalf, name,
-                   " must be float32, bfloat16 or float16, got ", t);
-  TORCH_CHECK_VALUE(x.dim() >= 1, name, " must have at least one dimension");
-}
+// int32 accumulation of int8 x int8 products is exact while every partial sum
+// fits: activations are quantized to [-127, 127] but a weight loaded from
+// elsewhere may hold -128, so |product| <= 128 * 127 and
+// K <= floor((2^31 - 1) / (128 * 127)) = 132104. The one definition: Python
+// reads it through build_info() ("max_exact_k").
+constexpr int64_t kMaxExactK = 132104;
+static_assert(kMaxExactK * 128 * 127 <= INT32_MAX && (kMaxExactK + 1) * 128 * 127 > INT32_MAX);
 
 inline void check_int8_weight(const at::Tensor& weight, const at::Tensor& weight_scale) {
   TORCH_CHECK_TYPE(weight.scalar_type() == at::kChar, "weight must be int8, got ",
@@ -44,19 +43,11 @@ inline void check_int8_linear_args(const at::Tensor& x, const at::Tensor& weight
                     " features in its last dimension but weight expects in_features=",
                     weight.size(1));
   if (check_k_overflow) {
-    TORCH_CHECK_VALUE(weight.size(1) <= kMaxInt8Dot, "in_features=", weight.size(1),
-                      " exceeds ", kMaxInt8Dot,
+    TORCH_CHECK_VALUE(weight.size(1) <= kMaxExactK, "in_features=", weight.size(1),
+                      " exceeds ", kMaxExactK,
                       ": int32 sums of int8 products could overflow; use weight-only mode");
   }
-  if (bias.has_value()) {
-    const at::Tensor& b = *bias;
-    TORCH_CHECK_TYPE(at::isFloatingType(b.scalar_type()), "bias must be floating point, got ",
-                     b.scalar_type());
-    TORCH_CHECK_VALUE(b.dim() == 1 && b.size(0) == weight.size(0), "bias must have shape [",
-                      weight.size(0), "], got ", b.sizes());
-    TORCH_CHECK_VALUE(b.device() == x.device(), "bias is on ", b.device(), " but x is on ",
-                      x.device());
-  }
+  check_bias(bias, x, weight.size(0));
 }
 
 }  // namespace peft_ext

@@ -1,10 +1,13 @@
 // Every op schema of peft_ext, in one place. Backends register their kernels
 // with TORCH_LIBRARY_IMPL in csrc/cpu/*.cpp and csrc/cuda/*.cu.
+#include <optional>
 #include <string>
 
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 #include "cpu/cpu_features.h"
+#include "int8_checks.h"
 
 namespace peft_ext {
 
@@ -16,6 +19,8 @@ static std::string build_info() {
   info += cpu::isa_name(cpu::active_isa());
   info += ";cpu_isa_detected=";
   info += cpu::isa_name(cpu::detected_isa());
+  // The exact-int32 bound on in_features (int8_checks.h), for Python and tests.
+  info += ";max_exact_k=" + std::to_string(kMaxExactK);
   info += ";";
   info += cuda_build_info();
   return info;
@@ -73,6 +78,66 @@ TORCH_LIBRARY(peft_ext, m) {
   m.def(
       "bsr_linear(Tensor x, Tensor crow, Tensor col, Tensor values, int in_features, Tensor? bias) -> "
       "Tensor");
+}
+
+// Device check for meta tensors. The backend kernels check that every tensor
+// argument is on x's device, but a call that mixes a meta tensor with CPU or
+// CUDA ones dispatches to the Meta (fake) kernel, which would return a meta
+// result. This BackendSelect kernel runs first for every op of the library;
+// when a meta tensor is involved it requires all tensors on one device, then
+// redispatches (without meta it only passes the call on).
+namespace {
+
+void check_one(const at::Tensor& x, const at::Tensor& t, const c10::FunctionSchema& schema, size_t i) {
+  if (t.defined() && t.device() != x.device()) {
+    TORCH_CHECK_VALUE(false, schema.arguments()[i].name(), " is on ", t.device(), " but ",
+                      schema.arguments()[0].name(), " is on ", x.device());
+  }
+}
+void check_one(const at::Tensor& x, const std::optional<at::Tensor>& t, const c10::FunctionSchema& schema,
+               size_t i) {
+  if (t.has_value()) check_one(x, *t, schema, i);
+}
+template <typename T>
+void check_one(const at::Tensor&, const T&, const c10::FunctionSchema&, size_t) {}
+
+template <const char* kName, typename Sig>
+struct DeviceChecked;
+
+template <const char* kName, typename Ret, typename First, typename... Rest>
+struct DeviceChecked<kName, Ret(First, Rest...)> {
+  static Ret call(c10::DispatchKeySet ks, First first, Rest... rest) {
+    static const auto op =
+        c10::Dispatcher::singleton().findSchemaOrThrow(kName, "").template typed<Ret(First, Rest...)>();
+    if (ks.has_backend(c10::BackendComponent::MetaBit)) {
+      size_t i = 1;
+      (check_one(first, rest, op.schema(), i++), ...);
+    }
+    const auto below = ks & c10::DispatchKeySet(c10::DispatchKeySet::FULL_AFTER, c10::DispatchKey::BackendSelect);
+    return op.redispatch(below, first, rest...);
+  }
+};
+
+using Opt = const std::optional<at::Tensor>&;
+using T = const at::Tensor&;
+constexpr char kInt8Linear[] = "peft_ext::int8_linear";
+constexpr char kInt8WeightOnly[] = "peft_ext::int8_linear_weight_only";
+constexpr char kInt8Dequantize[] = "peft_ext::int8_dequantize";
+constexpr char kSparse24[] = "peft_ext::sparse24_linear";
+constexpr char kCsr[] = "peft_ext::csr_linear";
+constexpr char kBsr[] = "peft_ext::bsr_linear";
+using LinearSig = at::Tensor(T, T, T, Opt);
+using CompressedSig = at::Tensor(T, T, T, T, int64_t, Opt);
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(peft_ext, BackendSelect, m) {
+  m.impl("int8_linear", TORCH_FN((DeviceChecked<kInt8Linear, LinearSig>::call)));
+  m.impl("int8_linear_weight_only", TORCH_FN((DeviceChecked<kInt8WeightOnly, LinearSig>::call)));
+  m.impl("int8_dequantize", TORCH_FN((DeviceChecked<kInt8Dequantize, at::Tensor(T, T, at::ScalarType)>::call)));
+  m.impl("sparse24_linear", TORCH_FN((DeviceChecked<kSparse24, LinearSig>::call)));
+  m.impl("csr_linear", TORCH_FN((DeviceChecked<kCsr, CompressedSig>::call)));
+  m.impl("bsr_linear", TORCH_FN((DeviceChecked<kBsr, CompressedSig>::call)));
 }
 
 }  // namespace peft_ext

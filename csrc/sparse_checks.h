@@ -2,13 +2,16 @@
 // shapes, devices). TORCH_CHECK_TYPE / TORCH_CHECK_VALUE surface in Python as
 // TypeError / ValueError naming the argument. The structural check of crow /
 // col (check_rows) reads the indices on the host: the CPU ops run it on every
-// call; the CUDA ops do not (a device-to-host copy would synchronise every
-// call) and instead never read outside the weight or x (see bsr_gemm.cu).
+// call, and so do the CUDA fallbacks that densify the weight (CSR, BSR blocks
+// too tall for the kernel), which would otherwise hand malformed indices to
+// index_put_ and trip a device-side assert. The BSR kernel does not (a
+// device-to-host copy would synchronise every call) and instead never reads
+// outside the weight or x (see csrc/cuda/sparse_gemm.cu).
 #pragma once
 
 #include <ATen/ATen.h>
 
-#include "int8_checks.h"
+#include "linear_common.h"
 
 namespace peft_ext {
 
@@ -22,14 +25,7 @@ inline void check_sparse_common(const at::Tensor& x, const at::Tensor& values, i
                     values.device());
   TORCH_CHECK_VALUE(x.size(-1) == K, "x has ", x.size(-1),
                     " features in its last dimension but the weight expects in_features=", K);
-  if (bias.has_value()) {
-    TORCH_CHECK_TYPE(at::isFloatingType(bias->scalar_type()), "bias must be floating point, got ",
-                     bias->scalar_type());
-    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == N, "bias must have shape [", N, "], got ",
-                      bias->sizes());
-    TORCH_CHECK_VALUE(bias->device() == x.device(), "bias is on ", bias->device(), " but x is on ",
-                      x.device());
-  }
+  check_bias(bias, x, N);
 }
 
 inline void check_sparse_index(const at::Tensor& t, const at::Tensor& x, const char* name,
@@ -37,7 +33,7 @@ inline void check_sparse_index(const at::Tensor& t, const at::Tensor& x, const c
   TORCH_CHECK_TYPE(t.scalar_type() == dtype, name, " must be ", dtype, ", got ", t.scalar_type());
   TORCH_CHECK_VALUE(t.dim() == 1 && t.numel() == numel && t.is_contiguous(), name,
                     " must be a contiguous 1-D tensor of ", numel, " elements, got ", t.sizes());
-  TORCH_CHECK_VALUE(t.device() == x.device(), name, " is on ", t.device(), " but x is on ", x.device());
+  check_same_device(t, x, name);
 }
 
 // 2:4: values [N, K/2], indices uint8 [N, ceil(K/8)]. Returns (N, K).
@@ -85,6 +81,36 @@ inline int64_t check_bsr_args(const at::Tensor& x, const at::Tensor& crow, const
   check_sparse_index(crow, x, "crow", at::kLong, R + 1);
   check_sparse_index(col, x, "col", at::kInt, values.size(0));
   return N;
+}
+
+// Compressed-row structure, read on the host (crow / col must be CPU tensors):
+// crow from 0 to nnz, non-decreasing, and column indices in [0, cols) and
+// ascending within a row (the kernels rely on it). `what` names the stored
+// entries ("values" or "blocks").
+inline void check_rows(const at::Tensor& crow, const at::Tensor& col, int64_t cols, const char* what) {
+  const int64_t* cr = crow.data_ptr<int64_t>();
+  const int32_t* c = col.data_ptr<int32_t>();
+  const int64_t rows = crow.numel() - 1;
+  TORCH_CHECK_VALUE(cr[0] == 0 && cr[rows] == col.numel(), "crow must start at 0 and end at ",
+                    col.numel(), " (the number of stored ", what, ")");
+  for (int64_t r = 0; r < rows; ++r) TORCH_CHECK_VALUE(cr[r] <= cr[r + 1], "crow must be non-decreasing (row ", r, ")");
+  // A branch-free pass over every index (this runs on each call, next to a
+  // kernel that reads each index once); a second pass names the culprit.
+  bool ok = true;
+  for (int64_t r = 0; r < rows; ++r) {
+    int64_t prev = -1;
+    for (int64_t p = cr[r]; p < cr[r + 1]; ++p) {
+      ok &= (c[p] > prev) & (c[p] < cols);
+      prev = c[p];
+    }
+  }
+  if (ok) return;
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t p = cr[r]; p < cr[r + 1]; ++p) {
+      TORCH_CHECK_VALUE(c[p] >= 0 && c[p] < cols, "col[", p, "]=", c[p], " is outside [0, ", cols, ")");
+      TORCH_CHECK_VALUE(p == cr[r] || c[p] > c[p - 1], "col must ascend within each row (row ", r, ")");
+    }
+  }
 }
 
 }  // namespace peft_ext

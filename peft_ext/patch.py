@@ -13,14 +13,14 @@ from .masking import MaskHandle
 from .nn.int8_linear import Int8Linear
 from .nn.sparse_linear import PATTERNS as SPARSE_PATTERNS, SparseLinear, choose_kernel
 from .offload import offload as offload_model
-from .ops import FLOAT_DTYPES
+from .ops import FLOAT_DTYPES, build_info
 from .prefetch import _resolve_device
 from .prune import prune as prune_model
 
 QUANTIZE_MODES = {"int8": "dynamic", "int8_weight_only": "weight_only"}
 PATCHED_TYPES = (Int8Linear, SparseLinear)
 # int32 sums of int8 products stay exact up to this many input features.
-MAX_DYNAMIC_IN_FEATURES = 133144
+MAX_DYNAMIC_IN_FEATURES = int(build_info()["max_exact_k"])  # C++ kMaxExactK
 
 
 @dataclass

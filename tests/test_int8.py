@@ -173,7 +173,12 @@ def test_clear_errors():
 
 
 def test_k_overflow_guard():
-    k = 133145
+    # The one bound (C++ kMaxExactK), read from the library: weights may hold
+    # -128, so |products| <= 128 * 127 and the largest exact K is 132104.
+    k_max = int(ops.build_info()["max_exact_k"])
+    assert k_max == (2**31 - 1) // (128 * 127)
+    assert ops.int8_linear(torch.randn(1, k_max), torch.ones(1, k_max, dtype=torch.int8), torch.ones(1)).isfinite().all()
+    k = k_max + 1
     q = torch.ones(1, k, dtype=torch.int8)
     with pytest.raises(ValueError, match="overflow"):
         ops.int8_linear(torch.randn(1, k), q, torch.ones(1))

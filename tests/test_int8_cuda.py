@@ -289,3 +289,64 @@ def test_minilm_embeddings_survive_patching_on_cuda(quantize):
         assert cos.min() >= 0.95, cos.min()
     finally:
         peft_ext.unpatch(model)
+
+
+# --- issue 10 #4: in_features == 0 gives the bias on CUDA (the CPU does).
+@pytest.mark.parametrize("lead", [(1,), (9,), (40,), (2, 3)])
+def test_empty_in_features_gives_bias_on_cuda(lead):
+    q, s, b = cuda(torch.zeros(5, 0, dtype=torch.int8), torch.ones(5), torch.randn(5))
+    x = torch.randn(*lead, 0, device="cuda")
+    for fn in (ops.int8_linear, ops.int8_linear_weight_only):
+        assert torch.equal(fn(x, q, s, b), b.expand(*lead, 5))
+        out = fn(x, q, s, None)
+        assert out.shape == (*lead, 5) and (out == 0).all()
+    qx, sx = ops.quantize_per_token(x)
+    assert qx.shape == (torch.Size(lead).numel(), 0) and (sx == 0).all()
+
+
+# --- issue 9 #1 / #2 on CUDA: a non-finite activation row gives scale NaN,
+# q = 0 and a NaN output row; absmax below ~4e-37 quantizes exactly (true
+# division by the scale, never a multiply by an overflowing 1 / scale).
+@pytest.mark.parametrize("m", [3, 40])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_non_finite_rows_give_nan_rows_on_cuda(m, dtype):
+    x, q, s, b = make(m, 64, 24, dtype)
+    x[0, 10] = float("nan")
+    x[1, 3] = float("inf")
+    x[2, 5] = float("-inf")
+    qx, sx = ops.quantize_per_token(x.cuda())
+    assert torch.isnan(sx[:3]).all() and (qx[:3] == 0).all() and torch.isfinite(sx[3:]).all()
+    for bias in (b, None):
+        out = ops.int8_linear(*cuda(x, q, s, bias)).float().cpu()
+        assert torch.isnan(out[:3]).all(), "a non-finite input row must give a NaN output row"
+        assert torch.isfinite(out[3:]).all()
+
+
+@pytest.mark.parametrize("absmax", [1e-38, 3e-39, 1e-44])
+def test_tiny_rows_quantize_exactly_on_cuda(absmax):
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(2, 96, generator=g) * 2 - 1
+    x = x / x.abs().amax(dim=1, keepdim=True) * absmax  # denormals included
+    qx, sx = ops.quantize_per_token(x.cuda())
+    scale = x.abs().amax(dim=1) / 127
+    assert torch.equal(sx.cpu(), scale)
+    expect = torch.round(x / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    assert torch.equal(qx.cpu(), expect)
+    assert (qx.abs().amax(dim=1) == 127).all()
+
+
+# --- issue 10 #12: K % 16 != 0 goes through 8- and 4-byte cp.async (K % 8,
+# K % 4 == 0) or byte loads (odd K), in the GEMM (M > 16) on both tiles.
+@pytest.mark.parametrize("k", [8, 24, 72, 36, 100, 37, 1001])
+@pytest.mark.parametrize("m", [40, 1500])
+def test_gemm_weight_loads_for_every_k_alignment(k, m):
+    x, q, s, b = make(m, k, 130 if m == 40 else 2100, torch.bfloat16)
+    out = run_poisoned(ops.int8_linear, *cuda(x, q, s, b))
+    torch.testing.assert_close(out.cpu(), ref.int8_linear(x, q, s, b), **tol(torch.bfloat16))
+    # A weight view 4 bytes into its storage: 4-byte pieces at most.
+    if k % 4 == 0:
+        wide = torch.zeros(q.numel() + 4, dtype=torch.int8)
+        wide[4:] = q.flatten()
+        qv = wide.cuda()[4:].view_as(q)
+        out = run_poisoned(ops.int8_linear, x.cuda(), qv, s.cuda(), b.cuda())
+        torch.testing.assert_close(out.cpu(), ref.int8_linear(x, q, s, b), **tol(torch.bfloat16))

@@ -516,3 +516,119 @@ def test_cuda_kept_batches_and_device_passthrough():
     for i, (x, g) in enumerate(kept):
         assert g is on_gpu
         check(i, x.cpu(), 1000 + i)
+
+
+# --- issue 10: pinned CPU slots are fenced; the CUDA tests carry the `cuda`
+# marker that bench/gpu_check.sh selects (-m cuda).
+for _t in (test_cuda_order_and_values, test_cuda_kept_batches_and_device_passthrough):
+    pytest.mark.cuda(_t)
+
+
+@pytest.fixture
+def fake_gpu():
+    """The C++ stand-in CUDA backend: "pinned" slots are plain memory and each
+    release records a fence that stays pending until the test completes it."""
+    hook = torch.ops.peft_ext._prefetch_fake_gpu
+    hook("complete")
+    hook("install")
+    yield hook
+    hook("complete")
+    hook("uninstall")
+
+
+def test_pinned_cpu_slot_is_not_refilled_while_its_fence_is_pending(fake_gpu):
+    # depth 1: batch 1 can only go into the slot that batch 0 was handed out in.
+    ring = torch.classes.peft_ext.PrefetchRing("cpu", 1, True)
+    n = 4096
+    try:
+        assert ring.put([tagged(0, n)]) and ring.put([tagged(1, n)])
+        status, (b0,) = ring.next(5000)
+        assert status == 0
+        check(0, b0, n)
+        recorded = fake_gpu("recorded")
+        del b0  # the consumer's non_blocking copy from it may still be queued
+        assert fake_gpu("recorded") == recorded + 1 and fake_gpu("pending") == 1
+        # The worker must wait on the fence instead of overwriting the slot.
+        deadline = time.monotonic() + 5
+        while fake_gpu("waiting") == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert fake_gpu("waiting") == 1
+        status, _ = ring.next(200)
+        assert status == 1, "the slot was refilled while the GPU could still read it"
+        fake_gpu("complete")
+        status, (b1,) = ring.next(5000)
+        assert status == 0
+        check(1, b1, n)
+        assert ring.stats()["fence_waits"] == 1
+        del b1
+    finally:
+        ring.finish()
+        ring.stop(5000)
+
+
+def test_unpinned_cpu_ring_records_no_fence(fake_gpu):
+    before = fake_gpu("recorded")
+    batches = list(Prefetcher((tagged(i, 100) for i in range(20)), device="cpu", pin_memory=False))
+    for i, b in enumerate(batches):
+        check(i, b, 100)
+    del batches
+    assert fake_gpu("recorded") == before
+
+
+def test_detached_slot_memory_is_freed_by_the_worker(fake_gpu):
+    # Keeping every batch makes the ring detach each slot; the last tensor of
+    # a detached slot is dropped here, and its memory (with the fence, which
+    # the worker waits on) goes back to the worker instead of blocking us.
+    ring = torch.classes.peft_ext.PrefetchRing("cpu", 1, True)
+    try:
+        kept = []
+        for i in range(3):
+            assert ring.put([tagged(i, 64)])
+            status, (b,) = ring.next(5000)
+            assert status == 0
+            kept.append(b)
+        assert ring.stats()["detached"] == 2
+        t0 = time.monotonic()
+        kept.clear()  # fences stay pending: freeing here would block for 30 s
+        assert time.monotonic() - t0 < 1.0
+    finally:
+        fake_gpu("complete")
+        ring.finish()
+        ring.stop(5000)
+
+
+@pytest.mark.cuda
+@requires_cuda
+def test_cuda_pinned_cpu_ring_survives_queued_non_blocking_copies():
+    # The documented pattern: a CPU ring with pinned slots, each batch sent
+    # with .cuda(non_blocking=True) and dropped at once. The GPU is kept busy
+    # so the copies are still queued when the slot is released: without the
+    # fence the worker would overwrite the pinned bytes under them.
+    n = 1 << 20
+    outs = []
+    for i, b in enumerate(Prefetcher((tagged(i, n) for i in range(40)), device="cpu", depth=2,
+                                     pin_memory=True)):
+        torch.cuda._sleep(2_000_000)
+        outs.append(b.cuda(non_blocking=True))
+        del b
+    torch.cuda.synchronize()
+    for i, o in enumerate(outs):
+        check(i, o.cpu(), n)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_cuda_ring_on_second_gpu_creates_no_context_on_the_first():
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, peft_ext\n"
+        "from peft_ext import Prefetcher\n"
+        "for b in Prefetcher((torch.ones(1000) * i for i in range(5)), device='cuda:1'):\n"
+        "    assert b.device.index == 1\n"
+        "print(torch._C._cuda_hasPrimaryContext(0))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "False"

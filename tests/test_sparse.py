@@ -153,3 +153,53 @@ def test_bad_input_names_the_argument():
     x, crow, col, vals, k, b = make_bsr(2, (4, 8), 2, 3, g)
     with pytest.raises(ValueError, match="block width"):
         sparse_ops.bsr_linear(torch.randn(2, 20), crow, col, vals, 20, b)
+
+
+# --- issue 9 #19: in_features == 0 gives the bias (as the int8 ops do), for
+# every sparse op, with and without leading dimensions.
+@pytest.mark.parametrize("lead", [(3,), (2, 4), ()])
+def test_empty_in_features_gives_bias(lead):
+    n, b = 6, torch.randn(6)
+    x = torch.randn(*lead, 0)
+    want = b.expand(*lead, n)
+    crow = torch.zeros(n + 1, dtype=torch.int64)
+    col = torch.zeros(0, dtype=torch.int32)
+    calls = [
+        lambda bias: sparse_ops.sparse24_linear(x, torch.zeros(n, 0), torch.zeros(n, 0, dtype=torch.uint8), bias),
+        lambda bias: sparse_ops.csr_linear(x, crow, col, torch.zeros(0), 0, bias),
+        lambda bias: sparse_ops.bsr_linear(x, torch.zeros(n // 2 + 1, dtype=torch.int64), col,
+                                           torch.zeros(0, 2, 4), 0, bias),
+    ]
+    for call in calls:
+        torch.testing.assert_close(call(b), want, rtol=0, atol=0)
+        out = call(None)
+        assert out.shape == want.shape and (out == 0).all()
+
+
+# --- issue 9 #22: a meta-device input with CPU weights raises (device
+# mismatch) instead of returning a meta tensor; every op of the library goes
+# through the same C++ check (csrc/ops.cpp), so the int8 ops are checked here too.
+def test_meta_input_with_cpu_weights_raises_for_every_op():
+    from peft_ext import ops
+
+    g = gen()
+    x, v, i, b = make_24(2, 36, 5, g)
+    meta = torch.empty_like(x, device="meta")
+    with pytest.raises(ValueError, match="values is on cpu but x is on meta"):
+        sparse_ops.sparse24_linear(meta, v, i, b)
+    x, crow, col, vals, k, b = make_csr(2, 30, 6, g)
+    with pytest.raises(ValueError, match="crow is on cpu but x is on meta"):
+        sparse_ops.csr_linear(torch.empty_like(x, device="meta"), crow, col, vals, k, b)
+    x, crow, col, vals, k, b = make_bsr(2, (4, 8), 2, 3, g)
+    with pytest.raises(ValueError, match="is on cpu but x is on meta"):
+        sparse_ops.bsr_linear(torch.empty_like(x, device="meta"), crow, col, vals, k, b)
+    q, s = ops.quantize_weight(torch.randn(4, 8))
+    for fn in (ops.int8_linear, ops.int8_linear_weight_only):
+        with pytest.raises(ValueError, match="weight is on cpu but x is on meta"):
+            fn(torch.empty(3, 8, device="meta"), q, s, None)
+    with pytest.raises(ValueError, match="weight_scale is on meta but weight is on cpu"):
+        ops.int8_dequantize(q, s.to("meta"))
+    # All on meta: the fake kernels still give shapes (tracing needs them).
+    assert sparse_ops.csr_linear(torch.empty(3, 30, device="meta"), crow.new_zeros(7).to("meta"),
+                                 col[:0].to("meta"), vals[:0].to("meta"), 30, None).shape == (3, 6)
+    assert ops.int8_linear(torch.empty(3, 8, device="meta"), q.to("meta"), s.to("meta"), None).shape == (3, 4)

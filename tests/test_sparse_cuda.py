@@ -191,3 +191,75 @@ def test_patch_on_cuda_uses_the_cuda_kernels():
     assert all(r.new_type == "SparseLinear[2:4]" for r in report.replaced)
     assert all("mma.sp" in r.kernel for r in report.replaced)
     assert torch.isfinite(model(x).float()).all()
+
+
+# --- issue 10 #4 / issue 9 #19: in_features == 0 gives the bias on CUDA.
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_empty_in_features_gives_bias_on_cuda(dtype):
+    n = 6
+    x = torch.randn(3, 0, device="cuda", dtype=dtype)
+    b = torch.randn(n, device="cuda", dtype=dtype)
+    crow = torch.zeros(n + 1, dtype=torch.int64, device="cuda")
+    col = torch.zeros(0, dtype=torch.int32, device="cuda")
+    calls = [
+        lambda bias: sparse_ops.sparse24_linear(x, torch.zeros(n, 0, device="cuda", dtype=dtype),
+                                                torch.zeros(n, 0, dtype=torch.uint8, device="cuda"), bias),
+        lambda bias: sparse_ops.csr_linear(x, crow, col, torch.zeros(0, device="cuda", dtype=dtype), 0, bias),
+        lambda bias: sparse_ops.bsr_linear(x, crow[: n // 2 + 1], col, torch.zeros(0, 2, 4, device="cuda", dtype=dtype),
+                                           0, bias),
+        lambda bias: sparse_ops.bsr_linear(x, crow[:2], col, torch.zeros(0, 300, 4, device="cuda", dtype=dtype),
+                                           0, bias[:1].expand(300).contiguous() if bias is not None else None),
+    ]
+    for j, call in enumerate(calls):
+        out = call(b)
+        want = b.expand(3, n) if j < 3 else b[:1].expand(3, 300)
+        assert torch.equal(out, want)
+        assert (call(None) == 0).all()
+
+
+# --- issue 10 #5: the CSR and tall-block fallbacks validate crow / col on the
+# host (ValueError, as on the CPU) instead of tripping a device-side assert
+# that would leave the CUDA context unusable.
+def test_fallbacks_refuse_malformed_indices_and_the_context_survives():
+    g = gen()
+    w = torch.randn(8, 30, generator=g)
+    crow, col, v = ref.compress_csr(w, torch.rand(8, 30, generator=g) < 0.4)
+    x = torch.randn(2, 30, generator=g)
+    bad_col = col.clone()
+    bad_col[0] = 30
+    with pytest.raises(ValueError, match="col"):
+        sparse_ops.csr_linear(*cuda(x, crow, bad_col, v), 30, None)
+    bad_crow = crow.clone()
+    bad_crow[-1] += 5
+    with pytest.raises(ValueError, match="crow"):
+        sparse_ops.csr_linear(*cuda(x, bad_crow, col, v), 30, None)
+    xb, crow_b, col_b, vb, k, bb = make_bsr(2, (300, 4), 1, 3, g, density=1.0)
+    bad = col_b.clone()
+    bad[0] = 7
+    with pytest.raises(ValueError, match="col"):
+        sparse_ops.bsr_linear(*cuda(xb, crow_b, bad, vb), k, None)
+    torch.cuda.synchronize()  # the context is still usable
+    out = sparse_ops.csr_linear(*cuda(x, crow, col, v), 30, None)
+    torch.testing.assert_close(out.cpu(), ref.csr_linear(x, crow, col, v, 30, None), atol=1e-4, rtol=1e-4)
+
+
+# --- issue 10 #7: more row tiles than grid.y holds (65535): the BSR kernel
+# strides over them. Blocks of 256 rows give tiles of 4 activation rows.
+def test_bsr_more_row_tiles_than_grid_y():
+    g = gen()
+    m = 4 * 65535 + 37
+    xs, crow, col, v, k, b = make_bsr(2, (256, 8), 1, 2, g, density=1.0)
+    x = torch.randn(m, k, generator=g)
+    out = sparse_ops.bsr_linear(*cuda(x, crow, col, v), k, b.cuda())
+    torch.testing.assert_close(out.cpu(), ref.bsr_linear(x, crow, col, v, k, b), atol=1e-4, rtol=1e-4)
+
+
+# --- issue 10 #13: a misaligned x alone is copied (not the weight) and the
+# result is unchanged.
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_sparse24_misaligned_x_alone(dtype):
+    g = gen()
+    x, v, i, b = make_24(9, 256, 40, g, dtype)
+    shifted = torch.randn(9 * 256 + 1, generator=g).to(dtype).cuda()[1:].view(9, 256)
+    out = run_poisoned(sparse_ops.sparse24_linear, shifted, *cuda(v, i, b))
+    torch.testing.assert_close(out.cpu(), ref.sparse24_linear(shifted.cpu(), v, i, b), **tol(dtype))

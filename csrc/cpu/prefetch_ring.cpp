@@ -11,6 +11,7 @@
 #include "prefetch_ring.h"
 #include "prefetch_ring_state.h"
 
+#include <atomic>
 #include <chrono>
 #include <condition_variable>
 #include <cstdlib>
@@ -28,27 +29,51 @@
 namespace peft_ext::prefetch {
 
 namespace {
-CudaBackend* g_backend = nullptr;
+// Atomic: the test hook swaps it while worker threads may read it.
+std::atomic<CudaBackend*> g_backend{nullptr};
 }  // namespace
 
-CudaBackend* cuda_backend() { return g_backend; }
-void set_cuda_backend(CudaBackend* backend) { g_backend = backend; }
+CudaBackend* cuda_backend() { return g_backend.load(); }
+void set_cuda_backend(CudaBackend* backend) { g_backend.store(backend); }
 
 namespace {
 
 // Runs when the last tensor of a hand-out dies, on whatever thread drops it.
+// Device slots record their `released` event; pinned host slots of a CPU ring
+// record a fence on the current stream (the consumer's non_blocking copies
+// from them may still be queued), which the worker waits on before refilling.
+// The writes to *h->mem happen before the slot is marked free under the lock,
+// and the worker reads them only after it saw the slot free under that lock.
 void release_handout(void* ctx) {
   std::unique_ptr<Handout> h(static_cast<Handout*>(ctx));
   try {
-    if (h->mem->device) h->mem->device->release();
+    SlotMemory& mem = *h->mem;
+    if (mem.device) {
+      mem.device->release();
+    } else if (mem.host && mem.host->pinned()) {
+      mem.host_fence = mem.host->pinned_by->record_fence();
+    }
   } catch (const std::exception& e) {
     LOG(WARNING) << "prefetch ring: recording the release event failed: " << e.what();
   }
-  std::lock_guard<std::mutex> lk(h->state->mu);
-  Slot& slot = h->state->slots[h->slot];
-  if (slot.gen == h->gen && slot.status == Status::kOut) {
-    slot.status = Status::kFree;
-    h->state->work_cv.notify_all();
+  State& s = *h->state;
+  std::shared_ptr<SlotMemory> free_here;
+  {
+    std::lock_guard<std::mutex> lk(s.mu);
+    Slot& slot = s.slots[h->slot];
+    if (slot.gen == h->gen && slot.status == Status::kOut) {
+      slot.status = Status::kFree;
+      s.work_cv.notify_all();
+    } else if (slot.mem != h->mem) {
+      // Detached memory: its last user is gone. The worker frees it (that
+      // waits for the GPU); once the worker has exited, it is freed here.
+      if (s.worker_exited) {
+        free_here = std::move(h->mem);
+      } else {
+        s.graveyard.push_back(std::move(h->mem));
+        s.work_cv.notify_all();
+      }
+    }
   }
 }
 
@@ -69,6 +94,15 @@ double fill(State& s, Slot& slot, const Pending& p) {
   }
   if (!slot.mem) slot.mem = std::make_shared<SlotMemory>();
   SlotMemory& mem = *slot.mem;
+  if (mem.host_fence) {
+    // Pinned CPU slot: the GPU may still read it for the consumer's copies.
+    const auto t0 = Clock::now();
+    mem.host_fence->wait();
+    mem.host_fence.reset();
+    std::lock_guard<std::mutex> lk(s.mu);
+    s.worker_wait_s += seconds_since(t0);
+    s.fence_waits += 1;
+  }
   if (mem.device) {
     // The last upload from this slot read its staging (or pinned sources).
     s.h2d_s += mem.device->wait_uploaded();
@@ -123,24 +157,55 @@ double fill(State& s, Slot& slot, const Pending& p) {
   return host_s;
 }
 
+// Frees detached memory handed back by release_handout (outside the lock).
+void drain_graveyard(State& s, std::unique_lock<std::mutex>& lk) {
+  while (!s.graveyard.empty()) {
+    std::vector<std::shared_ptr<SlotMemory>> dead;
+    dead.swap(s.graveyard);
+    lk.unlock();
+    dead.clear();
+    lk.lock();
+  }
+}
+
 void worker_main(std::shared_ptr<State> s) {
   at::NoGradGuard no_grad;  // copies of batches are data, never part of a graph
+  try {
+    // The ring's device, not GPU 0: pinned allocations, device buffers and
+    // events of this thread belong to it.
+    if (s->to_device) cuda_backend()->set_device(s->device);
+  } catch (...) {
+    std::lock_guard<std::mutex> lk(s->mu);
+    s->error = std::current_exception();
+    s->error_seq = 0;
+    s->worker_exited = true;
+    s->feed_cv.notify_all();
+    s->out_cv.notify_all();
+    return;
+  }
   for (;;) {
     Pending p;
     size_t idx = 0;
     {
       std::unique_lock<std::mutex> lk(s->mu);
       // With put_sync() the worker has nothing to do: it exits rather than
-      // wake at every slot release.
-      while (!s->stop && s->input.empty() && !s->input_done && !s->sync)
+      // wake at every slot release (detached memory is then freed where its
+      // last tensor dies).
+      for (;;) {
+        drain_graveyard(*s, lk);
+        if (s->stop || !s->input.empty() || s->input_done || s->sync) break;
         s->work_cv.wait_for(lk, kTick);
+      }
       if (s->stop || s->input.empty()) break;
       p = std::move(s->input.front());
       s->input.pop_front();
       s->feed_cv.notify_all();
       idx = static_cast<size_t>(p.seq) % s->slots.size();
       const auto t0 = Clock::now();
-      while (!s->stop && s->slots[idx].status != Status::kFree) s->work_cv.wait_for(lk, kTick);
+      while (!s->stop && s->slots[idx].status != Status::kFree) {
+        s->work_cv.wait_for(lk, kTick);
+        drain_graveyard(*s, lk);
+      }
       s->worker_wait_s += seconds_since(t0);
       if (s->stop) break;
       s->slots[idx].status = Status::kFilling;
@@ -171,8 +236,9 @@ void worker_main(std::shared_ptr<State> s) {
                       (slot.mem->device ? slot.mem->device->bytes() : 0);
     s->out_cv.notify_all();
   }
-  std::lock_guard<std::mutex> lk(s->mu);
+  std::unique_lock<std::mutex> lk(s->mu);
   s->worker_exited = true;
+  drain_graveyard(*s, lk);
   s->feed_cv.notify_all();
   s->out_cv.notify_all();
 }
@@ -236,6 +302,9 @@ class PrefetchRing : public torch::CustomClassHolder {
   // error in batch order). Use either put() or put_sync() on one ring.
   bool put_sync(std::vector<at::Tensor> tensors) {
     State& s = *state_;
+    // The feeder's thread, like the worker, must allocate and copy on the
+    // ring's device, not on whatever device that thread defaults to.
+    if (s.to_device) cuda_backend()->set_device(s.device);
     Pending p;
     size_t idx = 0;
     {
@@ -402,6 +471,7 @@ class PrefetchRing : public torch::CustomClassHolder {
     d.insert("worker_wait_s", state_->worker_wait_s);
     d.insert("put_wait_s", state_->put_wait_s);
     d.insert("detached", static_cast<double>(state_->detached));
+    d.insert("fence_waits", static_cast<double>(state_->fence_waits));
     size_t held = 0;
     for (const Slot& slot : state_->slots) held += slot.held_bytes;
     d.insert("slot_bytes", static_cast<double>(held));
@@ -418,7 +488,7 @@ class PrefetchRing : public torch::CustomClassHolder {
     at::NoGradGuard no_grad;
     void* p = be->host_alloc(nbytes);
     at::Tensor out = at::from_blob(
-        p, t.sizes(), [](void* q) { cuda_backend()->host_free(q); }, t.options());
+        p, t.sizes(), [be](void* q) { be->host_free(q); }, t.options());
     out.copy_(t);
     return out;
   }
@@ -428,7 +498,94 @@ class PrefetchRing : public torch::CustomClassHolder {
   std::thread worker_;
 };
 
+namespace {
+
+// A stand-in CUDA backend for tests on machines without a GPU: "pinned"
+// memory is plain memory, and a fence stays pending until the test says the
+// GPU finished (`complete`), so a test can check that the worker never
+// refills a released pinned slot while its fence is pending.
+struct FakeGpu {
+  std::mutex mu;
+  std::condition_variable cv;
+  int64_t recorded = 0, completed = 0, waiting = 0;
+};
+
+FakeGpu& fake_gpu() {
+  static FakeGpu g;
+  return g;
+}
+
+class FakeFence final : public StreamFence {
+ public:
+  explicit FakeFence(int64_t ticket) : ticket_(ticket) {}
+  void wait() override {
+    FakeGpu& g = fake_gpu();
+    std::unique_lock<std::mutex> lk(g.mu);
+    g.waiting += 1;
+    // Bounded, so that a broken test cannot hang the worker forever.
+    g.cv.wait_for(lk, std::chrono::seconds(30), [&] { return g.completed >= ticket_; });
+    g.waiting -= 1;
+  }
+
+ private:
+  int64_t ticket_;
+};
+
+class FakeBackend final : public CudaBackend {
+ public:
+  bool device_available() override { return true; }
+  void* host_alloc(size_t bytes) override {
+    void* p = nullptr;
+    TORCH_CHECK_WITH(OutOfMemoryError, posix_memalign(&p, kAlign, bytes) == 0, "fake host_alloc failed");
+    return p;
+  }
+  void host_free(void* ptr) override { std::free(ptr); }
+  std::unique_ptr<DeviceBuffer> device_alloc(size_t, c10::Device) override {
+    TORCH_CHECK(false, "the fake CUDA backend has no device memory");
+    return nullptr;
+  }
+  std::unique_ptr<StreamFence> record_fence() override {
+    FakeGpu& g = fake_gpu();
+    std::lock_guard<std::mutex> lk(g.mu);
+    return std::make_unique<FakeFence>(++g.recorded);
+  }
+  void set_device(c10::Device) override {}
+};
+
+// Test hook (torch.ops.peft_ext._prefetch_fake_gpu): "install" swaps the fake
+// backend in, "uninstall" restores the real one (or none), "complete" lets
+// every recorded fence pass; all return the fences recorded so far, except
+// "pending" (recorded minus completed) and "waiting" (threads blocked in wait).
+int64_t prefetch_fake_gpu(std::string action) {
+  static FakeBackend fake;
+  static CudaBackend* real = nullptr;
+  static bool installed = false;
+  FakeGpu& g = fake_gpu();
+  if (action == "install") {
+    if (!installed) real = cuda_backend();
+    installed = true;
+    set_cuda_backend(&fake);
+  } else if (action == "uninstall") {
+    if (installed) set_cuda_backend(real);
+    installed = false;
+  } else if (action == "complete") {
+    std::lock_guard<std::mutex> lk(g.mu);
+    g.completed = g.recorded;
+    g.cv.notify_all();
+  } else {
+    std::lock_guard<std::mutex> lk(g.mu);
+    if (action == "pending") return g.recorded - g.completed;
+    if (action == "waiting") return g.waiting;
+    TORCH_CHECK_VALUE(action == "recorded", "unknown action \"", action, "\"");
+  }
+  std::lock_guard<std::mutex> lk(g.mu);
+  return g.recorded;
+}
+
+}  // namespace
+
 void register_prefetch_ring(torch::Library& m) {
+  m.def("_prefetch_fake_gpu(str action) -> int", &prefetch_fake_gpu);
   m.class_<PrefetchRing>("PrefetchRing")
       .def(torch::init<std::string, int64_t, bool>())
       .def("put", &PrefetchRing::put)

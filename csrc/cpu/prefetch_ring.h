@@ -41,6 +41,16 @@ class DeviceBuffer {
   virtual void release() = 0;
 };
 
+// A point in a CUDA stream's work, recorded when a pinned host slot of a CPU
+// ring is released: the consumer may have queued `.cuda(non_blocking=True)`
+// copies from the slot that the GPU has not run yet.
+class StreamFence {
+ public:
+  virtual ~StreamFence() = default;
+  // Blocks until the GPU passed the point (the copies read the slot).
+  virtual void wait() = 0;
+};
+
 class CudaBackend {
  public:
   virtual ~CudaBackend() = default;
@@ -49,6 +59,12 @@ class CudaBackend {
   virtual void* host_alloc(size_t bytes) = 0;
   virtual void host_free(void* ptr) = 0;
   virtual std::unique_ptr<DeviceBuffer> device_alloc(size_t bytes, c10::Device device) = 0;
+  // A fence on the current CUDA stream of the calling thread's current device,
+  // the stream torch runs a non_blocking copy on.
+  virtual std::unique_ptr<StreamFence> record_fence() = 0;
+  // Makes `device` the calling thread's current device (the ring's worker,
+  // so that its allocations and events never create a context on GPU 0).
+  virtual void set_device(c10::Device device) = 0;
 };
 
 // nullptr when the extension was built without CUDA.

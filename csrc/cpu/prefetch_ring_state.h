@@ -32,14 +32,14 @@ inline double seconds_since(Clock::time_point t0) {
 struct HostBuffer {
   void* ptr = nullptr;
   size_t bytes = 0;
-  bool pinned = false;
+  CudaBackend* pinned_by = nullptr;  // the backend that pinned it (frees it too)
 
   HostBuffer(size_t n, bool pin) : bytes(n) {
     const size_t alloc = std::max<size_t>(n, kAlign);
     CudaBackend* be = cuda_backend();
     if (pin && be != nullptr && be->device_available()) {
       ptr = be->host_alloc(alloc);
-      pinned = true;
+      pinned_by = be;
     } else if (posix_memalign(&ptr, kAlign, alloc) != 0) {
       ptr = nullptr;
     }
@@ -47,12 +47,13 @@ struct HostBuffer {
                      " bytes of ", pin ? "pinned " : "", "host staging memory");
   }
   ~HostBuffer() {
-    if (pinned) {
-      cuda_backend()->host_free(ptr);
+    if (pinned_by != nullptr) {
+      pinned_by->host_free(ptr);
     } else {
       std::free(ptr);
     }
   }
+  bool pinned() const { return pinned_by != nullptr; }
   HostBuffer(const HostBuffer&) = delete;
   HostBuffer& operator=(const HostBuffer&) = delete;
 };
@@ -61,9 +62,27 @@ struct HostBuffer {
 // out, so detached memory lives until the consumer lets go of it.
 struct SlotMemory {
   std::unique_ptr<HostBuffer> host;
+  // CPU ring with pinned host memory: recorded when the consumer's tensors
+  // die (they may be the source of non_blocking copies still queued on the
+  // GPU); the worker waits on it before it writes `host` again.
+  std::unique_ptr<StreamFence> host_fence;
   // Declared last so it is destroyed first: it waits for the upload that
   // still reads `host`.
   std::unique_ptr<DeviceBuffer> device;
+
+  SlotMemory() = default;
+  SlotMemory(const SlotMemory&) = delete;
+  SlotMemory& operator=(const SlotMemory&) = delete;
+  ~SlotMemory() {
+    device.reset();
+    if (host_fence) {
+      try {
+        host_fence->wait();
+      } catch (const std::exception&) {
+        // Freeing pinned memory synchronises with the device anyway.
+      }
+    }
+  }
 };
 
 struct Entry {
@@ -107,10 +126,13 @@ struct State {
   bool sync = false;  // put_sync() in use: the copies run on the feeder, the worker has exited
   bool stop = false;
   bool worker_exited = false;
+  // Detached slot memory whose last tensor died: freed by the worker, since
+  // freeing device memory waits for the GPU (never on the consumer's thread).
+  std::vector<std::shared_ptr<SlotMemory>> graveyard;
   std::exception_ptr error;
   int64_t error_seq = -1;
   double copy_s = 0, h2d_s = 0, consumer_wait_s = 0, worker_wait_s = 0, put_wait_s = 0;
-  int64_t bytes = 0, batches = 0, detached = 0;
+  int64_t bytes = 0, batches = 0, detached = 0, fence_waits = 0;
 };
 
 struct Handout {

@@ -75,38 +75,6 @@ namespace {
 constexpr int64_t kTransposedMinM = 8;
 constexpr int64_t kSp24TransposedMinM = 16;
 
-at::Tensor rows_f32(const at::Tensor& x) {
-  return x.reshape({-1, x.size(-1)}).to(at::kFloat).contiguous();
-}
-
-// Compressed-row structure: crow from 0 to nnz, non-decreasing, and column
-// indices below `cols` and ascending within a row (the kernels rely on it).
-void check_rows(const at::Tensor& crow, const at::Tensor& col, int64_t cols, const char* what) {
-  const int64_t* cr = crow.data_ptr<int64_t>();
-  const int32_t* c = col.data_ptr<int32_t>();
-  const int64_t rows = crow.numel() - 1;
-  TORCH_CHECK_VALUE(cr[0] == 0 && cr[rows] == col.numel(), "crow must start at 0 and end at ",
-                    col.numel(), " (the number of stored ", what, ")");
-  for (int64_t r = 0; r < rows; ++r) TORCH_CHECK_VALUE(cr[r] <= cr[r + 1], "crow must be non-decreasing (row ", r, ")");
-  // A branch-free pass over every index (this runs on each call, next to a
-  // kernel that reads each index once); a second pass names the culprit.
-  bool ok = true;
-  for (int64_t r = 0; r < rows; ++r) {
-    int64_t prev = -1;
-    for (int64_t p = cr[r]; p < cr[r + 1]; ++p) {
-      ok &= (c[p] > prev) & (c[p] < cols);
-      prev = c[p];
-    }
-  }
-  if (ok) return;
-  for (int64_t r = 0; r < rows; ++r) {
-    for (int64_t p = cr[r]; p < cr[r + 1]; ++p) {
-      TORCH_CHECK_VALUE(c[p] >= 0 && c[p] < cols, "col[", p, "]=", c[p], " is outside [0, ", cols, ")");
-      TORCH_CHECK_VALUE(p == cr[r] || c[p] > c[p - 1], "col must ascend within each row (row ", r, ")");
-    }
-  }
-}
-
 // at::parallel_for hands each thread one equal slice; when a core is shared
 // (a busy machine, a VM), the whole op then waits for the slowest thread.
 // Threads here pull small chunks from a shared counter instead, so a thread
@@ -166,13 +134,17 @@ template <typename Rows, typename Transposed>
 at::Tensor run(const at::Tensor& x, int64_t N, int64_t units, int64_t unit_work, bool transposed,
                const c10::optional<at::Tensor>& bias, const Rows& rows_kernel,
                const Transposed& transposed_kernel) {
-  auto shape = x.sizes().vec();
-  shape.back() = N;
+  const auto shape = out_shape(x, N);
+  if (leading_rows(x) == 0 || N == 0) return at::zeros(shape, x.options());
+  if (x.size(-1) == 0) {
+    // in_features == 0: every dot product is empty, y = bias (or 0).
+    at::Tensor out = at::empty(shape, x.options());
+    fill_empty_k(out, bias);
+    return out;
+  }
   const at::Tensor x2d = rows_f32(x);
   const int64_t M = x2d.size(0), K = x2d.size(1);
-  if (M == 0 || N == 0) return at::zeros(shape, x.options());
-  // Below ~64k multiply-adds a thread costs more than it saves.
-  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(1, unit_work * M));
+  const int64_t grain = grain_size(unit_work * M);
   at::Tensor y;
   if (!transposed) {
     y = at::empty({M, N}, x2d.options());

@@ -4,6 +4,10 @@
 // epilogue that applies s_x, s_w and the bias and writes the output dtype
 // directly: no int32 tensor ever goes to global memory.
 //
+// Weight tiles go through cp.async in 16-, 8- or 4-byte pieces, the widest
+// that K and the weight's alignment allow; only odd K (or a misaligned view)
+// falls back to byte loads.
+//
 // Dispatch by shape (int8_linear_cuda):
 //   M <= 16                          dp4a GEMV (int8_gemv.cu): streams the weight once
 //   tiles of 128x128 fill the GPU    GEMM, 128x128 block tile, 8 warps
@@ -59,8 +63,18 @@ struct GemmArgs {
   void* out;          // [M, N]
   int64_t M, N, K, lda;
   OutType out_type;
-  bool w_vec;  // K % 16 == 0 and w 16-byte aligned: every weight chunk can go through cp.async
+  // Widest cp.async the weight rows allow: 16 (K % 16 == 0, w 16-byte
+  // aligned), 8 or 4 bytes; 1 means byte loads (K odd or w misaligned).
+  int w_copy;
 };
+
+// w_copy for a weight of K columns at address w.
+inline int weight_copy_bytes(const void* w, int64_t K) {
+  const auto a = reinterpret_cast<uintptr_t>(w);
+  for (int b : {16, 8, 4})
+    if (K % b == 0 && a % b == 0) return b;
+  return 1;
+}
 
 // Outputs (m, n) and (m, n + 1) from two int32 sums, in the CPU path's order:
 // ((float)acc * s_x) * s_w + bias, each step rounded once.
@@ -75,13 +89,7 @@ __device__ __forceinline__ void store_pair(const GemmArgs& p, int64_t o, int64_t
     if (two) v1 = __fadd_rn(v1, p.bias[n + 1]);
   }
   if (two && pair_ok) {
-    if (p.out_type == OutType::kBFloat16) {
-      *reinterpret_cast<__nv_bfloat162*>(static_cast<__nv_bfloat16*>(p.out) + o) = __floats2bfloat162_rn(v0, v1);
-    } else if (p.out_type == OutType::kHalf) {
-      *reinterpret_cast<__half2*>(static_cast<__half*>(p.out) + o) = __floats2half2_rn(v0, v1);
-    } else {
-      *reinterpret_cast<float2*>(static_cast<float*>(p.out) + o) = make_float2(v0, v1);
-    }
+    store_out2(p.out, o, v0, v1, p.out_type);
   } else {
     store_out(p.out, o, v0, p.out_type);
     if (two) store_out(p.out, o + 1, v1, p.out_type);
@@ -89,8 +97,12 @@ __device__ __forceinline__ void store_pair(const GemmArgs& p, int64_t o, int64_t
 }
 
 // BM output rows per block, WARPS_M x 4 warps of 64 x 32 outputs each.
-template <int BM, int WARPS_M>
-__global__ void __launch_bounds__(WARPS_M * 4 * 32) gemm_s8_kernel(const GemmArgs p) {
+// MIN_BLOCKS is __launch_bounds__' minimum of resident blocks per SM, set per
+// tile: 2 for the 128-row tile (<= 128 registers, two blocks per SM), 1 for
+// the 64-row tile, which otherwise spilled at 128 registers on sm_80
+// (8 B stores / 16 B loads; figures in bench/results/ptxas_sm80_sm90.txt).
+template <int BM, int WARPS_M, int MIN_BLOCKS>
+__global__ void __launch_bounds__(WARPS_M * 4 * 32, MIN_BLOCKS) gemm_s8_kernel(const GemmArgs p) {
   constexpr int kThreads = WARPS_M * 4 * 32;
   constexpr int kChunksA = BM * (kBK / 16);
   constexpr int kChunksB = kBN * (kBK / 16);
@@ -126,11 +138,24 @@ __global__ void __launch_bounds__(WARPS_M * 4 * 32) gemm_s8_kernel(const GemmArg
       const int row = c / (kBK / 16), col = (c % (kBK / 16)) * 16;
       const int64_t gn = n0 + row, gk = k0 + col;
       int8_t* dst = b_dst + row * kSmemRow + col;
-      if (p.w_vec) {
+      if (p.w_copy == 16) {
         const bool ok = gn < p.N && gk < p.K;
         cp_async16(dst, ok ? p.w + gn * p.K + gk : p.w, ok ? 16 : 0);
+      } else if (p.w_copy == 8) {
+        // K % 8 == 0: each 8-byte half lies wholly inside or past K.
+#pragma unroll
+        for (int h = 0; h < 16; h += 8) {
+          const bool ok = gn < p.N && gk + h < p.K;
+          cp_async8(dst + h, ok ? p.w + gn * p.K + gk + h : p.w, ok ? 8 : 0);
+        }
+      } else if (p.w_copy == 4) {
+#pragma unroll
+        for (int h = 0; h < 16; h += 4) {
+          const bool ok = gn < p.N && gk + h < p.K;
+          cp_async4(dst + h, ok ? p.w + gn * p.K + gk + h : p.w, ok ? 4 : 0);
+        }
       } else {
-        // Unaligned rows (K % 16 != 0): byte loads, zero past K and N. A
+        // Odd K or a misaligned view: byte loads, zero past K and N. A
         // plain store is visible to the consumers after the __syncthreads
         // that precedes the use of this stage, like the cp.async data.
         uint32_t words[4] = {0u, 0u, 0u, 0u};
@@ -230,22 +255,18 @@ int multiprocessor_count(int device) {
   return sms;
 }
 
-template <int BM, int WARPS_M>
+template <int BM, int WARPS_M, int MIN_BLOCKS>
 void launch_gemm(const GemmArgs& args, int device) {
   constexpr int smem = kStages * (BM + kBN) * kSmemRow;
-  auto kernel = gemm_s8_kernel<BM, WARPS_M>;
-  // Above 48 KiB of dynamic shared memory needs the opt-in, once per device:
-  // the first (eager, warm-up) call sets it, so graph capture never sees it.
+  auto kernel = gemm_s8_kernel<BM, WARPS_M, MIN_BLOCKS>;
   static std::atomic<uint64_t> configured{0};
-  const uint64_t bit = device < 64 ? uint64_t{1} << device : 0;
-  if (bit == 0 || (configured.load() & bit) == 0) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-    configured.fetch_or(bit);
-  }
+  opt_in_shared_memory(kernel, smem, device, configured);
   const dim3 grid(static_cast<unsigned>((args.M + BM - 1) / BM), static_cast<unsigned>((args.N + kBN - 1) / kBN));
   kernel<<<grid, WARPS_M * 4 * 32, smem, c10::cuda::getCurrentCUDAStream()>>>(args);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
+
+}  // namespace
 
 at::Tensor int8_linear_cuda(const at::Tensor& x, const at::Tensor& weight,
                             const at::Tensor& weight_scale, const std::optional<at::Tensor>& bias) {
@@ -253,13 +274,13 @@ at::Tensor int8_linear_cuda(const at::Tensor& x, const at::Tensor& weight,
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t N = weight.size(0), K = weight.size(1);
   at::Tensor out = at::empty(out_shape(x, N), x.options());
-  const at::Tensor x2d = rows(x);
-  const int64_t M = x2d.size(0);
+  const int64_t M = leading_rows(x);
   if (M == 0 || N == 0) return out;
   if (K == 0) {
     fill_empty_k(out, bias);
     return out;
   }
+  const at::Tensor x2d = rows(x);
   // Rows padded to 16 bytes so that every activation chunk is one aligned cp.async.
   const int64_t lda = round_up(std::max<int64_t>(K, 1), 16);
   at::Tensor q = at::empty({M, lda}, x2d.options().dtype(at::kChar));
@@ -274,20 +295,24 @@ at::Tensor int8_linear_cuda(const at::Tensor& x, const at::Tensor& weight,
   GemmArgs args{q.data_ptr<int8_t>(), weight.data_ptr<int8_t>(), sx.data_ptr<float>(),
                 weight_scale.data_ptr<float>(), b.defined() ? b.data_ptr<float>() : nullptr,
                 out.data_ptr(), M, N, K, lda, out_type(x.scalar_type()),
-                K % 16 == 0 && aligned16(weight.data_ptr())};
+                weight_copy_bytes(weight.data_ptr(), K)};
   const int64_t big_tiles = ((M + 127) / 128) * ((N + kBN - 1) / kBN);
   const int device = x.get_device();
   const int sms = multiprocessor_count(device);
   if (big_tiles >= sms) {
-    launch_gemm<128, 2>(args, device);
+    launch_gemm<128, 2, 2>(args, device);
   } else {
-    launch_gemm<64, 1>(args, device);
+    launch_gemm<64, 1, 1>(args, device);
   }
   return out;
 }
 
-}  // namespace
-
-TORCH_LIBRARY_IMPL(peft_ext, CUDA, m) { m.impl("int8_linear", &int8_linear_cuda); }
+// Every CUDA int8 op, one registration (kernels in int8_quant.cu, int8_gemm.cu, int8_gemv.cu).
+TORCH_LIBRARY_IMPL(peft_ext, CUDA, m) {
+  m.impl("quantize_per_token", &quantize_per_token_cuda);
+  m.impl("int8_linear", &int8_linear_cuda);
+  m.impl("int8_linear_weight_only", &int8_linear_weight_only_cuda);
+  m.impl("int8_dequantize", &int8_dequantize_cuda);
+}
 
 }  // namespace peft_ext::cuda

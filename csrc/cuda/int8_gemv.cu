@@ -47,14 +47,24 @@ struct GemvArgs {
   bool vec;  // 16-byte loads: K % 16 == 0 and x, w 16-byte aligned
 };
 
-__device__ __forceinline__ uint4 load_w(const int8_t* row, int64_t k0, int64_t K, bool vec) {
-  // Streamed once: evict-first keeps the activations in L1/L2.
-  if (vec) return __ldcs(reinterpret_cast<const uint4*>(row + k0));
+// 16 int8 values row[k0 .. k0+15], zeros past K. The weight is streamed once
+// (kStream: evict-first, so it does not push the activations out of L1/L2);
+// quantized activations are re-read by every block (the read-only path).
+template <bool kStream>
+__device__ __forceinline__ uint4 load_s8(const int8_t* row, int64_t k0, int64_t K, bool vec) {
+  if (vec) {
+    const uint4* p = reinterpret_cast<const uint4*>(row + k0);
+    return kStream ? __ldcs(p) : __ldg(p);
+  }
   uint32_t v[4] = {0u, 0u, 0u, 0u};
 #pragma unroll
   for (int b = 0; b < kChunk; ++b)
     if (k0 + b < K) v[b / 4] |= (static_cast<uint32_t>(row[k0 + b]) & 0xffu) << (8 * (b % 4));
   return make_uint4(v[0], v[1], v[2], v[3]);
+}
+
+__device__ __forceinline__ uint4 load_w(const int8_t* row, int64_t k0, int64_t K, bool vec) {
+  return load_s8<true>(row, k0, K, vec);
 }
 
 // Four signed bytes to exact floats: 0x4B000000 | (b + 128) is the float
@@ -65,10 +75,6 @@ __device__ __forceinline__ void bytes_to_float(uint32_t word, float* f) {
   for (int i = 0; i < 4; ++i)
     f[i] = __uint_as_float(__byte_perm(biased, 0x4B000000u, 0x7540u | i)) - 8388736.0f;
 }
-
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
 
 // 16 activations x[k0 .. k0+15] as floats, zeros past K.
 template <typename XT>
@@ -139,7 +145,7 @@ __global__ void __launch_bounds__(kGemvWarps * 32) gemv_kernel(const GemvArgs p)
 #pragma unroll
       for (int m = 0; m < MMAX; ++m) {
         if (m < p.M) {
-          const uint4 xq = load_w(x + m * p.ldx, k0, p.K, p.vec);
+          const uint4 xq = load_s8<false>(x + m * p.ldx, k0, p.K, p.vec);
 #pragma unroll
           for (int r = 0; r < kGemvRows; ++r) {
             Acc a = acc[r][m];
@@ -373,6 +379,8 @@ void launch_gemv(const GemvArgs& args) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+}  // namespace
+
 at::Tensor int8_linear_weight_only_cuda(const at::Tensor& x, const at::Tensor& weight,
                                         const at::Tensor& weight_scale,
                                         const std::optional<at::Tensor>& bias) {
@@ -380,14 +388,14 @@ at::Tensor int8_linear_weight_only_cuda(const at::Tensor& x, const at::Tensor& w
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t N = weight.size(0);
   at::Tensor out = at::empty(out_shape(x, N), x.options());
-  const at::Tensor x2d = rows(x);
-  const int64_t M = x2d.size(0);
+  const int64_t M = leading_rows(x);
   if (M == 0 || N == 0) return out;
-  at::Tensor out2d = out.view({M, N});
   if (weight.size(1) == 0) {
-    fill_empty_k(out2d, bias);
+    fill_empty_k(out, bias);
     return out;
   }
+  const at::Tensor x2d = rows(x);
+  at::Tensor out2d = out.view({M, N});
   if (M <= kGemvMaxM) {
     gemv_weight_only(x2d, weight, weight_scale, bias_f32(bias), out2d);
     return out;
@@ -400,8 +408,6 @@ at::Tensor int8_linear_weight_only_cuda(const at::Tensor& x, const at::Tensor& w
   }
   return out;
 }
-
-}  // namespace
 
 void gemv_s8(const at::Tensor& q, int64_t ldq, const at::Tensor& sx, const at::Tensor& w,
              const at::Tensor& sw, const at::Tensor& bias, at::Tensor& out) {
@@ -435,10 +441,6 @@ void gemv_weight_only(const at::Tensor& x2d, const at::Tensor& w, const at::Tens
     default:
       launch_gemv<float>(args);
   }
-}
-
-TORCH_LIBRARY_IMPL(peft_ext, CUDA, m) {
-  m.impl("int8_linear_weight_only", &int8_linear_weight_only_cuda);
 }
 
 }  // namespace peft_ext::cuda

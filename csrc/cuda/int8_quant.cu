@@ -1,7 +1,11 @@
 // CUDA per-token activation quantization (one kernel writes the int8 rows and
 // their scales) and weight dequantization (the backward's frozen weight).
-// The arithmetic is the CPU path's, operation for operation (IEEE division and
-// multiplication, round half to even), so both give the same int8 values.
+// The arithmetic is the CPU path's, operation for operation, and follows the
+// agreed per-token semantics: a row holding NaN or +-inf gets scale NaN and
+// q = 0 (so the GEMM epilogue writes NaN for the whole row); otherwise
+// scale = absmax / 127 and q = clamp(rint_half_even(x / scale), -127, 127)
+// with a true IEEE division by the scale (1 / scale overflows to inf for
+// absmax below ~4e-37); absmax == 0 gives scale 0 and q = 0.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAException.h>
@@ -17,14 +21,17 @@ namespace {
 constexpr int kQuantThreads = 256;
 constexpr int kDequantThreads = 256;
 
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-
-__device__ __forceinline__ uint32_t quantize(float v, float inv) {
-  const int r = min(127, max(-127, __float2int_rn(__fmul_rn(v, inv))));
+// s > 0 and finite: the row's scale; s == 0 or NaN: q = 0 (an all-zero or a
+// non-finite row).
+__device__ __forceinline__ uint32_t quantize(float v, float s) {
+  if (!(s > 0.0f)) return 0u;
+  const int r = min(127, max(-127, __float2int_rn(__fdiv_rn(v, s))));
   return static_cast<uint32_t>(r) & 0xffu;
 }
+
+// |v|, or +inf for NaN: the row maximum then flags any non-finite element
+// (fmaxf would drop a NaN) as +inf.
+__device__ __forceinline__ float abs_or_inf(float v) { return v == v ? fabsf(v) : INFINITY; }
 
 __device__ float block_max(float v) {
   __shared__ float partial[kQuantThreads / 32];
@@ -53,14 +60,14 @@ __global__ void __launch_bounds__(kQuantThreads)
       const uint4 raw = __ldg(reinterpret_cast<const uint4*>(xr + k));
       const T* v = reinterpret_cast<const T*>(&raw);
 #pragma unroll
-      for (int e = 0; e < E; ++e) amax = fmaxf(amax, fabsf(to_float(v[e])));
+      for (int e = 0; e < E; ++e) amax = fmaxf(amax, abs_or_inf(to_float(v[e])));
     }
   } else {
-    for (int64_t k = threadIdx.x; k < K; k += kQuantThreads) amax = fmaxf(amax, fabsf(to_float(xr[k])));
+    for (int64_t k = threadIdx.x; k < K; k += kQuantThreads) amax = fmaxf(amax, abs_or_inf(to_float(xr[k])));
   }
   amax = block_max(amax);
-  const float s = __fdiv_rn(amax, 127.0f);
-  const float inv = amax > 0.0f ? __fdiv_rn(1.0f, s) : 0.0f;
+  // amax == inf: the row held NaN or +-inf.
+  const float s = amax == INFINITY ? __int_as_float(0x7fc00000) : __fdiv_rn(amax, 127.0f);
   if (threadIdx.x == 0) scale[blockIdx.x] = s;
   if (vec) {
     for (int64_t k = threadIdx.x * E; k < K; k += kQuantThreads * E) {
@@ -69,9 +76,9 @@ __global__ void __launch_bounds__(kQuantThreads)
       uint32_t packed[E / 4];
 #pragma unroll
       for (int w = 0; w < E / 4; ++w) {
-        packed[w] = quantize(to_float(v[4 * w]), inv) | quantize(to_float(v[4 * w + 1]), inv) << 8 |
-                    quantize(to_float(v[4 * w + 2]), inv) << 16 |
-                    quantize(to_float(v[4 * w + 3]), inv) << 24;
+        packed[w] = quantize(to_float(v[4 * w]), s) | quantize(to_float(v[4 * w + 1]), s) << 8 |
+                    quantize(to_float(v[4 * w + 2]), s) << 16 |
+                    quantize(to_float(v[4 * w + 3]), s) << 24;
       }
       if constexpr (E == 4) {
         *reinterpret_cast<uint32_t*>(qr + k) = packed[0];
@@ -81,7 +88,7 @@ __global__ void __launch_bounds__(kQuantThreads)
     }
   } else {
     for (int64_t k = threadIdx.x; k < K; k += kQuantThreads)
-      qr[k] = static_cast<int8_t>(quantize(to_float(xr[k]), inv));
+      qr[k] = static_cast<int8_t>(quantize(to_float(xr[k]), s));
   }
   for (int64_t k = K + threadIdx.x; k < ldq; k += kQuantThreads) qr[k] = 0;
 }
@@ -119,14 +126,21 @@ void launch_quantize(const at::Tensor& x2d, int64_t ldq, at::Tensor& q, at::Tens
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+}  // namespace
+
 std::tuple<at::Tensor, at::Tensor> quantize_per_token_cuda(const at::Tensor& x) {
   check_float_input(x, "x");
   const c10::cuda::CUDAGuard guard(x.device());
-  const at::Tensor x2d = rows(x);
-  const int64_t M = x2d.size(0), K = x2d.size(1);
-  at::Tensor q = at::empty({M, K}, x2d.options().dtype(at::kChar));
-  at::Tensor scale = at::empty({M}, x2d.options().dtype(at::kFloat));
-  if (M > 0) quantize_rows(x2d, K, q, scale);
+  const int64_t M = leading_rows(x), K = x.size(-1);
+  at::Tensor q = at::empty({M, K}, x.options().dtype(at::kChar));
+  at::Tensor scale = at::empty({M}, x.options().dtype(at::kFloat));
+  if (M == 0) return {q, scale};
+  if (K == 0) {
+    // An empty row: absmax 0, scale 0 (no reshape: it cannot infer M here).
+    scale.zero_();
+    return {q, scale};
+  }
+  quantize_rows(rows(x), K, q, scale);
   return {q, scale};
 }
 
@@ -141,8 +155,6 @@ at::Tensor int8_dequantize_cuda(const at::Tensor& weight, const at::Tensor& weig
   }
   return dequantize(weight, weight_scale, dtype);
 }
-
-}  // namespace
 
 void quantize_rows(const at::Tensor& x2d, int64_t ldq, at::Tensor& q, at::Tensor& scale) {
   TORCH_INTERNAL_ASSERT(x2d.is_contiguous() && ldq >= x2d.size(1));
@@ -179,11 +191,6 @@ at::Tensor dequantize(const at::Tensor& w, const at::Tensor& sw, at::ScalarType 
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
-}
-
-TORCH_LIBRARY_IMPL(peft_ext, CUDA, m) {
-  m.impl("quantize_per_token", &quantize_per_token_cuda);
-  m.impl("int8_dequantize", &int8_dequantize_cuda);
 }
 
 }  // namespace peft_ext::cuda

@@ -3,11 +3,14 @@
 // run on a side stream. Reuse is ordered by events, never by record_stream:
 // `ready` is recorded after the copy and waited on by the consumer's stream;
 // `released` is recorded on the consumer's stream when its tensors die and
-// waited on (on the side stream) before the next copy into the slot.
+// waited on (on the side stream) before the next copy into the slot. Pinned
+// slots of a CPU ring get a fence on the consumer's current stream when
+// released (record_fence), waited on by the worker before it refills them.
 #include <cuda_runtime.h>
 
 #include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
@@ -23,26 +26,28 @@ class CudaDeviceBuffer final : public DeviceBuffer {
         bytes_(bytes),
         side_(c10::cuda::getStreamFromPool(/*isHighPriority=*/false, device.index())) {
     c10::cuda::CUDAGuard guard(device_);
-    // Allocated on the side stream, which writes it; freed only after both
-    // events completed (destructor), so no other stream's use is outstanding.
-    data_ = c10::cuda::CUDACachingAllocator::raw_alloc_with_stream(std::max<size_t>(bytes, 1),
-                                                                   side_.stream());
-    // Blocking-sync events: the worker sleeps in cudaEventSynchronize instead
-    // of spinning a core the consumer may need.
-    C10_CUDA_CHECK(cudaEventCreateWithFlags(&start_, cudaEventBlockingSync));
-    C10_CUDA_CHECK(cudaEventCreateWithFlags(&ready_, cudaEventBlockingSync));
-    C10_CUDA_CHECK(
-        cudaEventCreateWithFlags(&released_, cudaEventBlockingSync | cudaEventDisableTiming));
+    try {
+      // Blocking-sync events: the worker sleeps in cudaEventSynchronize
+      // instead of spinning a core the consumer may need.
+      C10_CUDA_CHECK(cudaEventCreateWithFlags(&start_, cudaEventBlockingSync));
+      C10_CUDA_CHECK(cudaEventCreateWithFlags(&ready_, cudaEventBlockingSync));
+      C10_CUDA_CHECK(
+          cudaEventCreateWithFlags(&released_, cudaEventBlockingSync | cudaEventDisableTiming));
+      // Allocated on the side stream, which writes it; freed only after both
+      // events completed (destructor), so no other stream's use is outstanding.
+      data_ = c10::cuda::CUDACachingAllocator::raw_alloc_with_stream(std::max<size_t>(bytes, 1),
+                                                                     side_.stream());
+    } catch (...) {
+      free_all();  // a throwing constructor runs no destructor
+      throw;
+    }
   }
 
   ~CudaDeviceBuffer() override {
     c10::cuda::CUDAGuard guard(device_);
     if (released_recorded_) C10_CUDA_CHECK_WARN(cudaEventSynchronize(released_));
     if (uploaded_) C10_CUDA_CHECK_WARN(cudaEventSynchronize(ready_));
-    c10::cuda::CUDACachingAllocator::raw_delete(data_);
-    C10_CUDA_CHECK_WARN(cudaEventDestroy(start_));
-    C10_CUDA_CHECK_WARN(cudaEventDestroy(ready_));
-    C10_CUDA_CHECK_WARN(cudaEventDestroy(released_));
+    free_all();
   }
 
   void* data() override { return data_; }
@@ -85,6 +90,14 @@ class CudaDeviceBuffer final : public DeviceBuffer {
   }
 
  private:
+  void free_all() noexcept {
+    if (data_ != nullptr) c10::cuda::CUDACachingAllocator::raw_delete(data_);
+    for (cudaEvent_t e : {start_, ready_, released_})
+      if (e != nullptr) C10_CUDA_CHECK_WARN(cudaEventDestroy(e));
+    data_ = nullptr;
+    start_ = ready_ = released_ = nullptr;
+  }
+
   c10::Device device_;
   size_t bytes_;
   c10::cuda::CUDAStream side_;
@@ -92,6 +105,32 @@ class CudaDeviceBuffer final : public DeviceBuffer {
   cudaEvent_t start_ = nullptr, ready_ = nullptr, released_ = nullptr;
   cudaStream_t consumer_ = nullptr;
   bool uploaded_ = false, timed_ = false, released_recorded_ = false;
+};
+
+class CudaFence final : public StreamFence {
+ public:
+  CudaFence() {
+    C10_CUDA_CHECK(cudaGetDevice(&device_));
+    C10_CUDA_CHECK(cudaEventCreateWithFlags(&event_, cudaEventBlockingSync | cudaEventDisableTiming));
+    const cudaError_t err =
+        cudaEventRecord(event_, c10::cuda::getCurrentCUDAStream(static_cast<c10::DeviceIndex>(device_)).stream());
+    if (err != cudaSuccess) {
+      C10_CUDA_CHECK_WARN(cudaEventDestroy(event_));
+      C10_CUDA_CHECK(err);
+    }
+  }
+  ~CudaFence() override {
+    c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device_));
+    C10_CUDA_CHECK_WARN(cudaEventDestroy(event_));
+  }
+  void wait() override {
+    c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device_));
+    C10_CUDA_CHECK(cudaEventSynchronize(event_));
+  }
+
+ private:
+  int device_ = 0;
+  cudaEvent_t event_ = nullptr;
 };
 
 class CudaBackendImpl final : public CudaBackend {
@@ -115,6 +154,10 @@ class CudaBackendImpl final : public CudaBackend {
   std::unique_ptr<DeviceBuffer> device_alloc(size_t bytes, c10::Device device) override {
     return std::make_unique<CudaDeviceBuffer>(bytes, device);
   }
+
+  std::unique_ptr<StreamFence> record_fence() override { return std::make_unique<CudaFence>(); }
+
+  void set_device(c10::Device device) override { c10::cuda::set_device(device.index()); }
 };
 
 // Registers the backend when the library loads (see prefetch_ring.h).

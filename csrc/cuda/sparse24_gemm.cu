@@ -25,8 +25,9 @@
 //
 // Shapes: any M and N (tiles zero-filled and stores guarded); K must be a
 // multiple of 4 (2:4), and the kernel itself wants K % 64 == 0 and 16-byte
-// aligned rows: other K (or misaligned views) are padded with zeros into
-// temporaries first (documented cost: one copy of the weight per call).
+// aligned rows: other K are padded with zeros into temporaries first
+// (documented cost: one copy of the weight per call); a misaligned x view
+// alone costs a copy of x only.
 // float32 inputs have no sparse tensor-core path: they go through the
 // decompressed weight and at::linear (cuBLAS), documented as a fallback.
 #include <algorithm>
@@ -39,7 +40,7 @@
 #include <torch/library.h>
 
 #include "../sparse_checks.h"
-#include "int8_cuda.h"
+#include "common.cuh"
 #include "ptx.cuh"
 #include "sparse_cuda.h"
 
@@ -50,12 +51,6 @@ constexpr int kBK = 64;       // uncompressed K per pipeline stage: 32 kept valu
 constexpr int kWRow = 80;     // bytes per weight row in shared memory (64 + 16: ldmatrix conflict-free)
 constexpr int kXRow = 144;    // bytes per activation row (128 + 16)
 constexpr int kMetaRow = 8;   // index bytes per weight row per stage (64 columns / 8)
-
-// 8-byte variant for the index bytes; src_bytes = 0 fills zeros.
-__device__ __forceinline__ void cp_async8(void* dst, const void* src, int src_bytes) {
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;\n" ::"r"(smem_u32(dst)), "l"(src),
-               "r"(src_bytes));
-}
 
 // Every 4-bit chunk whose second position is not above its first becomes
 // 0b0100 (positions 0 and 1). Per chunk d = (4 + p1) - p0 lies in [1, 7], so
@@ -111,13 +106,7 @@ __device__ __forceinline__ void store2(const Sp24Args& p, int64_t m, int64_t n, 
   }
   if (p.bias != nullptr) v1 += p.bias[n + 1];
   if (p.N % 2 == 0) {  // o even: one 4- or 8-byte store
-    if (p.out_type == OutType::kBFloat16) {
-      *reinterpret_cast<__nv_bfloat162*>(static_cast<__nv_bfloat16*>(p.out) + o) = __floats2bfloat162_rn(v0, v1);
-    } else if (p.out_type == OutType::kHalf) {
-      *reinterpret_cast<__half2*>(static_cast<__half*>(p.out) + o) = __floats2half2_rn(v0, v1);
-    } else {
-      *reinterpret_cast<float2*>(static_cast<float*>(p.out) + o) = make_float2(v0, v1);
-    }
+    store_out2(p.out, o, v0, v1, p.out_type);
   } else {
     store_out(p.out, o, v0, p.out_type);
     store_out(p.out, o + 1, v1, p.out_type);
@@ -245,7 +234,11 @@ __global__ void __launch_bounds__(WN * WM * 32) sp24_gemm_kernel(const Sp24Args 
   // acc[i][j] holds D[n][m] for features n = g, g + 8 and rows m = 2t, 2t + 1.
   // Lanes g and g ^ 1 trade one value so that each holds two adjacent
   // features of one row: even g keeps row 2t (features g, g + 1), odd g row
-  // 2t + 1 (features g - 1, g). All lanes shuffle before any bounds check.
+  // 2t + 1 (features g - 1, g). Every shuffle runs first, in one fully
+  // unrolled pass that rewrites acc in place (lane-dependent choices are
+  // selects on registers, never an indexed array, so acc stays in registers:
+  // the former interleaved shuffle-and-store loop kept it in local memory),
+  // then the guarded stores.
   const int g = lane / 4, t = lane % 4;
   const bool even = (g & 1) == 0;
 #pragma unroll
@@ -256,13 +249,20 @@ __global__ void __launch_bounds__(WN * WM * 32) sp24_gemm_kernel(const Sp24Args 
       for (int h = 0; h < 2; ++h) {
         const float c0 = acc[i][j][2 * h], c1 = acc[i][j][2 * h + 1];
         const float other = __shfl_xor_sync(0xffffffffu, even ? c1 : c0, 4);
-        const int64_t n = n0 + warp_n * TI * 16 + i * 16 + h * 8 + (g & ~1);
-        const int64_t m = m0 + warp_m * TJ * 8 + j * 8 + 2 * t + (even ? 0 : 1);
-        if (even) {
-          store2(p, m, n, c0, other);
-        } else {
-          store2(p, m, n, other, c1);
-        }
+        acc[i][j][2 * h] = even ? c0 : other;
+        acc[i][j][2 * h + 1] = even ? other : c1;
+      }
+    }
+  }
+  const int64_t n_warp = n0 + warp_n * TI * 16 + (g & ~1);
+  const int64_t m_warp = m0 + warp_m * TJ * 8 + 2 * t + (even ? 0 : 1);
+#pragma unroll
+  for (int i = 0; i < TI; ++i) {
+#pragma unroll
+    for (int j = 0; j < TJ; ++j) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        store2(p, m_warp + j * 8, n_warp + i * 16 + h * 8, acc[i][j][2 * h], acc[i][j][2 * h + 1]);
       }
     }
   }
@@ -273,14 +273,8 @@ void launch(const Sp24Args& args, int device) {
   constexpr int BN = WN * TI * 16, BM = WM * TJ * 8;
   constexpr int smem = STAGES * (BN * (kWRow + kMetaRow) + BM * kXRow);
   auto kernel = sp24_gemm_kernel<kHalf, WN, WM, TI, TJ, STAGES>;
-  // Above 48 KiB of dynamic shared memory needs the opt-in, once per device:
-  // the first (eager) call sets it, so graph capture never sees it.
   static std::atomic<uint64_t> configured{0};
-  const uint64_t bit = device < 64 ? uint64_t{1} << device : 0;
-  if (bit == 0 || (configured.load() & bit) == 0) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-    configured.fetch_or(bit);
-  }
+  opt_in_shared_memory(kernel, smem, device, configured);
   const int64_t m_tiles = (args.M + BM - 1) / BM;
   TORCH_CHECK_VALUE(m_tiles <= 65535, "x has ", args.M, " rows; the 2:4 kernel takes at most ", 65535 * BM);
   const dim3 grid(static_cast<unsigned>((args.N + BN - 1) / BN), static_cast<unsigned>(m_tiles));
@@ -310,34 +304,36 @@ at::Tensor pad_cols(const at::Tensor& t, int64_t padded_cols) {
   return out;
 }
 
+}  // namespace
+
 at::Tensor sparse24_linear_cuda(const at::Tensor& x, const at::Tensor& values, const at::Tensor& indices,
                                 const c10::optional<at::Tensor>& bias) {
   const auto nk = check_sparse24_args(x, values, indices, bias);
   const int64_t N = nk.first, K = nk.second;
   const c10::cuda::CUDAGuard guard(x.device());
   const at::ScalarType dtype = x.scalar_type();
-  if (dtype == at::kFloat) {
-    // No float32 sparse tensor-core path: decompress, then cuBLAS.
-    const at::Tensor b = bias.has_value() ? bias->to(dtype) : at::Tensor();
-    return at::linear(x, decompress_24(values.to(dtype), indices), b);
-  }
   at::Tensor out = at::empty(out_shape(x, N), x.options());
-  at::Tensor x2d = rows(x);
-  const int64_t M = x2d.size(0);
+  const int64_t M = leading_rows(x);
   if (M == 0 || N == 0) return out;
   if (K == 0) {
     fill_empty_k(out, bias);
     return out;
   }
+  if (dtype == at::kFloat) {
+    // No float32 sparse tensor-core path: decompress, then cuBLAS.
+    const at::Tensor b = bias.has_value() ? bias->to(dtype) : at::Tensor();
+    return at::linear(x, decompress_24(values.to(dtype), indices), b);
+  }
+  at::Tensor x2d = rows(x);
   at::Tensor v = values.to(dtype).contiguous();
   at::Tensor idx = indices;
   const int64_t Kp = round_up(K, kBK);
-  const bool aligned = aligned16(x2d.data_ptr()) && aligned16(v.data_ptr()) &&
-                       reinterpret_cast<uintptr_t>(idx.data_ptr()) % 8 == 0;
-  if (Kp != K || !aligned) {
-    // Zero values and zero x columns contribute nothing; zero positions are
-    // rewritten in-kernel to a valid chunk.
-    x2d = pad_cols(x2d, Kp);
+  // x and the weight are padded (or realigned) independently: a misaligned
+  // activation view must not cost a copy of the whole compressed weight.
+  // Zero values and zero x columns contribute nothing; zero positions are
+  // rewritten in-kernel to a valid chunk.
+  if (Kp != K || !aligned16(x2d.data_ptr())) x2d = pad_cols(x2d, Kp);
+  if (Kp != K || !aligned16(v.data_ptr()) || reinterpret_cast<uintptr_t>(idx.data_ptr()) % 8 != 0) {
     v = pad_cols(v, Kp / 2);
     idx = pad_cols(idx, Kp / 8);
   }
@@ -353,8 +349,6 @@ at::Tensor sparse24_linear_cuda(const at::Tensor& x, const at::Tensor& values, c
   return out;
 }
 
-}  // namespace
-
 // W [N, K] from the 2:4 format, with ATen ops on the tensors' device.
 at::Tensor decompress_24(const at::Tensor& values, const at::Tensor& indices) {
   const int64_t N = values.size(0), half = values.size(1);
@@ -366,7 +360,5 @@ at::Tensor decompress_24(const at::Tensor& values, const at::Tensor& indices) {
   const at::Tensor group = at::floor_divide(at::arange(half, indices.options().dtype(at::kLong)), 2).mul_(4);
   return at::zeros({N, 2 * half}, values.options()).scatter_(1, pos.to(at::kLong) + group, values);
 }
-
-TORCH_LIBRARY_IMPL(peft_ext, CUDA, m) { m.impl("sparse24_linear", &sparse24_linear_cuda); }
 
 }  // namespace peft_ext::cuda

@@ -17,10 +17,17 @@
 // would need a device-to-host copy and a synchronisation per call, so the
 // kernel instead clamps each row's block range to [0, nnz_blocks) and skips
 // blocks whose column lies outside the weight: malformed indices never cause
-// an out-of-bounds read (their blocks are ignored).
+// an out-of-bounds read (their blocks are ignored). Row tiles beyond
+// grid.y's 65535 are covered by a stride loop inside the kernel.
 //
 // CSR (csr_linear_cuda): no CUDA kernel; the weight is densified with ATen
-// ops and multiplied by cuBLAS (at::linear), documented as a fallback.
+// ops and multiplied by cuBLAS (at::linear), documented as a fallback. The
+// fallbacks (CSR, and BSR blocks too tall for the kernel) copy crow / col to
+// the host and validate them as the CPU does (ValueError): malformed indices
+// would otherwise reach index_put_ and leave a device-side assert that
+// poisons the CUDA context. The cost is one synchronising copy per call
+// (these paths densify the weight on every call anyway; they cannot be
+// captured in a CUDA graph).
 #include <algorithm>
 
 #include <ATen/ATen.h>
@@ -30,7 +37,7 @@
 #include <torch/library.h>
 
 #include "../sparse_checks.h"
-#include "int8_cuda.h"
+#include "common.cuh"
 #include "sparse_cuda.h"
 
 namespace peft_ext::cuda {
@@ -43,10 +50,7 @@ constexpr int kMaxBh = 256;
 constexpr int kMaxTm = 256;
 constexpr int kKc = 32;        // columns staged per step
 constexpr int kLd = kKc + 1;   // padded row: threads reading one column of different rows hit different banks
-
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+constexpr int64_t kMaxGridY = 65535;
 
 template <typename T>
 struct BsrArgs {
@@ -67,56 +71,59 @@ __global__ void __launch_bounds__(kThreads) bsr_kernel(const BsrArgs<T> p) {
   float* sw = smem;               // [bh][kLd]
   float* sx = smem + p.bh * kLd;  // [tm][kLd]
   const int64_t r = blockIdx.x;
-  const int64_t m0 = static_cast<int64_t>(blockIdx.y) * p.tm;
   const int tid = threadIdx.x;
   const int outputs = p.bh * p.tm;
   const int64_t kblocks = p.K / p.bw;
-  // Output o = tid + q * kThreads is feature i = o % bh of row m = o / bh:
-  // neighbouring threads write neighbouring features (coalesced stores) and
-  // read one x row (a shared-memory broadcast).
-  float acc[kOutPerThread] = {0.0f, 0.0f, 0.0f, 0.0f};
   const int64_t first = p.crow[r], last = p.crow[r + 1];
   const int64_t lo = first < 0 ? 0 : first;
   const int64_t hi = last > p.nnzb ? p.nnzb : last;
-  for (int64_t b = lo; b < hi; ++b) {
-    const int64_t c = p.col[b];
-    if (c < 0 || c >= kblocks) continue;  // uniform across the block
-    const T* wb = p.values + b * p.bh * p.bw;
-    const T* xb = p.x + c * p.bw;
-    for (int kc = 0; kc < p.bw; kc += kKc) {
-      const int kw = min(kKc, p.bw - kc);
-      for (int e = tid; e < p.bh * kKc; e += kThreads) {
-        const int i = e / kKc, k = e % kKc;
-        sw[i * kLd + k] = k < kw ? to_float(wb[i * p.bw + kc + k]) : 0.0f;
-      }
-      for (int e = tid; e < p.tm * kKc; e += kThreads) {
-        const int mm = e / kKc, k = e % kKc;
-        const int64_t gm = m0 + mm;
-        sx[mm * kLd + k] = (k < kw && gm < p.M) ? to_float(xb[gm * p.K + kc + k]) : 0.0f;
-      }
-      __syncthreads();
-#pragma unroll
-      for (int q = 0; q < kOutPerThread; ++q) {
-        const int o = tid + q * kThreads;
-        if (o < outputs) {
-          const float* wr = sw + (o % p.bh) * kLd;
-          const float* xr = sx + (o / p.bh) * kLd;
-          float s = acc[q];
-#pragma unroll 8
-          for (int k = 0; k < kKc; ++k) s = fmaf(wr[k], xr[k], s);
-          acc[q] = s;
+  // grid.y is at most 65535: each block strides over row tiles.
+  for (int64_t m0 = static_cast<int64_t>(blockIdx.y) * p.tm; m0 < p.M;
+       m0 += static_cast<int64_t>(gridDim.y) * p.tm) {
+    // Output o = tid + q * kThreads is feature i = o % bh of row m = o / bh:
+    // neighbouring threads write neighbouring features (coalesced stores) and
+    // read one x row (a shared-memory broadcast).
+    float acc[kOutPerThread] = {0.0f, 0.0f, 0.0f, 0.0f};
+    for (int64_t b = lo; b < hi; ++b) {
+      const int64_t c = p.col[b];
+      if (c < 0 || c >= kblocks) continue;  // uniform across the block
+      const T* wb = p.values + b * p.bh * p.bw;
+      const T* xb = p.x + c * p.bw;
+      for (int kc = 0; kc < p.bw; kc += kKc) {
+        const int kw = min(kKc, p.bw - kc);
+        for (int e = tid; e < p.bh * kKc; e += kThreads) {
+          const int i = e / kKc, k = e % kKc;
+          sw[i * kLd + k] = k < kw ? to_float(wb[i * p.bw + kc + k]) : 0.0f;
         }
-      }
-      __syncthreads();
-    }
-  }
+        for (int e = tid; e < p.tm * kKc; e += kThreads) {
+          const int mm = e / kKc, k = e % kKc;
+          const int64_t gm = m0 + mm;
+          sx[mm * kLd + k] = (k < kw && gm < p.M) ? to_float(xb[gm * p.K + kc + k]) : 0.0f;
+        }
+        __syncthreads();
 #pragma unroll
-  for (int q = 0; q < kOutPerThread; ++q) {
-    const int o = tid + q * kThreads;
-    const int64_t gm = m0 + o / p.bh;
-    if (o < outputs && gm < p.M) {
-      const int64_t n = r * p.bh + o % p.bh;
-      store_out(p.out, gm * p.N + n, acc[q] + (p.bias != nullptr ? p.bias[n] : 0.0f), p.out_type);
+        for (int q = 0; q < kOutPerThread; ++q) {
+          const int o = tid + q * kThreads;
+          if (o < outputs) {
+            const float* wr = sw + (o % p.bh) * kLd;
+            const float* xr = sx + (o / p.bh) * kLd;
+            float s = acc[q];
+#pragma unroll 8
+            for (int k = 0; k < kKc; ++k) s = fmaf(wr[k], xr[k], s);
+            acc[q] = s;
+          }
+        }
+        __syncthreads();
+      }
+    }
+#pragma unroll
+    for (int q = 0; q < kOutPerThread; ++q) {
+      const int o = tid + q * kThreads;
+      const int64_t gm = m0 + o / p.bh;
+      if (o < outputs && gm < p.M) {
+        const int64_t n = r * p.bh + o % p.bh;
+        store_out(p.out, gm * p.N + n, acc[q] + (p.bias != nullptr ? p.bias[n] : 0.0f), p.out_type);
+      }
     }
   }
 }
@@ -127,8 +134,8 @@ void launch_bsr(const at::Tensor& x2d, const at::Tensor& crow, const at::Tensor&
   const int64_t M = x2d.size(0), R = crow.numel() - 1;
   const int bh = static_cast<int>(values.size(1)), bw = static_cast<int>(values.size(2));
   const int tm = static_cast<int>(std::min<int64_t>({kMaxTm, std::max(1, kMaxOutputs / bh), M}));
-  const int64_t m_tiles = (M + tm - 1) / tm;
-  TORCH_CHECK_VALUE(m_tiles <= 65535, "x has ", M, " rows; the BSR kernel takes at most ", 65535 * tm);
+  // More row tiles than grid.y holds: the kernel strides over them.
+  const int64_t m_tiles = std::min<int64_t>((M + tm - 1) / tm, kMaxGridY);
   const BsrArgs<T> args{reinterpret_cast<const T*>(x2d.data_ptr()), reinterpret_cast<const T*>(values.data_ptr()),
                         crow.data_ptr<int64_t>(), col.data_ptr<int32_t>(),
                         bias.defined() ? bias.data_ptr<float>() : nullptr, out.data_ptr(), M, R * bh, K,
@@ -145,29 +152,42 @@ at::Tensor row_of_each(const at::Tensor& crow, int64_t total) {
   return at::repeat_interleave(at::diff(crow), total);
 }
 
+// The fallbacks' host-side structure check (the CPU op's, same ValueErrors).
+void check_rows_on_host(const at::Tensor& crow, const at::Tensor& col, int64_t cols, const char* what) {
+  check_rows(crow.cpu(), col.cpu(), cols, what);
+}
+
+}  // namespace
+
 at::Tensor bsr_linear_cuda(const at::Tensor& x, const at::Tensor& crow, const at::Tensor& col,
                            const at::Tensor& values, int64_t in_features, const c10::optional<at::Tensor>& bias) {
   const int64_t N = check_bsr_args(x, crow, col, values, in_features, bias);
   const c10::cuda::CUDAGuard guard(x.device());
   const at::ScalarType dtype = x.scalar_type();
   const int64_t nnzb = values.size(0), bh = values.size(1), bw = values.size(2), R = crow.numel() - 1;
-  const at::Tensor v = values.to(dtype).contiguous();
-  if (bh > kMaxBh) {
-    // Too tall for the block kernel's per-thread outputs: densify, then cuBLAS.
-    const at::Tensor blocks = at::zeros({R, in_features / bw, bh, bw}, v.options());
-    blocks.index_put_({row_of_each(crow, nnzb), col.to(at::kLong)}, v);
-    const at::Tensor w = blocks.permute({0, 2, 1, 3}).reshape({N, in_features});
-    return at::linear(x, w, bias.has_value() ? bias->to(dtype) : at::Tensor());
-  }
   at::Tensor out = at::empty(out_shape(x, N), x.options());
-  const at::Tensor x2d = rows(x);
-  if (x2d.size(0) == 0 || N == 0) return out;
-  if (in_features == 0 || nnzb == 0) {
+  const int64_t M = leading_rows(x);
+  if (M == 0 || N == 0) return out;
+  if (in_features == 0) {
     fill_empty_k(out, bias);
     return out;
   }
+  const at::Tensor v = values.to(dtype).contiguous();
+  if (bh > kMaxBh) {
+    // Too tall for the block kernel's per-thread outputs: densify, then cuBLAS.
+    check_rows_on_host(crow, col, in_features / bw, "blocks");
+    const at::Tensor blocks = at::zeros({R, in_features / bw, bh, bw}, v.options());
+    if (nnzb > 0) blocks.index_put_({row_of_each(crow, nnzb), col.to(at::kLong)}, v);
+    const at::Tensor w = blocks.permute({0, 2, 1, 3}).reshape({N, in_features});
+    return at::linear(x, w, bias.has_value() ? bias->to(dtype) : at::Tensor());
+  }
+  if (nnzb == 0) {
+    fill_empty_k(out, bias);
+    return out;
+  }
+  const at::Tensor x2d = rows(x);
   const at::Tensor b = bias_f32(bias);
-  at::Tensor out2d = out.view({x2d.size(0), N});
+  at::Tensor out2d = out.view({M, N});
   if (dtype == at::kBFloat16) {
     launch_bsr<__nv_bfloat16>(x2d, crow, col, v, b, out2d, in_features);
   } else if (dtype == at::kHalf) {
@@ -182,15 +202,22 @@ at::Tensor csr_linear_cuda(const at::Tensor& x, const at::Tensor& crow, const at
                            const at::Tensor& values, int64_t in_features, const c10::optional<at::Tensor>& bias) {
   const int64_t N = check_csr_args(x, crow, col, values, in_features, bias);
   const c10::cuda::CUDAGuard guard(x.device());
+  check_rows_on_host(crow, col, in_features, "values");
   const at::ScalarType dtype = x.scalar_type();
+  at::Tensor out = at::empty(out_shape(x, N), x.options());
+  if (leading_rows(x) == 0 || N == 0) return out;
+  if (in_features == 0) {
+    fill_empty_k(out, bias);
+    return out;
+  }
   at::Tensor w = at::zeros({N, in_features}, x.options());
   if (values.numel() > 0) w.index_put_({row_of_each(crow, values.numel()), col.to(at::kLong)}, values.to(dtype));
   return at::linear(x, w, bias.has_value() ? bias->to(dtype) : at::Tensor());
 }
 
-}  // namespace
-
+// Every CUDA sparse op, one registration (the 2:4 kernel is in sparse24_gemm.cu).
 TORCH_LIBRARY_IMPL(peft_ext, CUDA, m) {
+  m.impl("sparse24_linear", &sparse24_linear_cuda);
   m.impl("bsr_linear", &bsr_linear_cuda);
   m.impl("csr_linear", &csr_linear_cuda);
 }
