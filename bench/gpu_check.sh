@@ -4,9 +4,9 @@
 #   2. runs the CUDA tests (every test marked `cuda` under tests/: int8, sparse,
 #      the prefetch ring, offload) and prints how many passed / failed /
 #      skipped in each file, so a silent gap shows;
-#   3. runs the GPU benchmarks: every bench/bench_*_cuda.py script (each takes
-#      --out DIR and writes DIR/<its name>.json with a "table" field) and any
-#      pytest benchmark under bench/ marked `cuda`;
+#   3. runs the GPU benchmarks: the `cuda`-marked cases of every
+#      bench/bench_<concept>.py through bench/run.sh, which writes
+#      $OUT/<concept>_cuda.json (one schema, with a "table" field) and a plot;
 #   4. when compute-sanitizer exists, runs the int8 and sparse CUDA tests under
 #      its memcheck and racecheck tools (last: they are slow, and must not cost
 #      the benchmark figures; GPU_CHECK_SANITIZER=0 skips them);
@@ -117,15 +117,9 @@ for path, c in sorted(counts.items()):
 json.dump({k: dict(v) for k, v in counts.items()}, open(sys.argv[2], "w"), indent=1)
 PYEOF
 
-for bench in bench/bench_*_cuda.py; do
-  [[ -e "$bench" ]] || continue
-  run_step "$(basename "$bench" .py)" 180 "$PY" "$bench" --out "$OUT_DIR"
-done
-# pytest benchmarks marked cuda, if any exist (exit 5: none collected).
-if grep -lq "mark.cuda\|requires_cuda" bench/*.py 2>/dev/null; then
-  run_step pytest_bench_cuda 120 "$PY" -m pytest -q -m cuda bench --benchmark-only \
-    --benchmark-json="$OUT_DIR/bench_pytest_cuda.json" -p no:cacheprovider
-fi
+# The GPU benchmarks: every bench/bench_<concept>.py's `cuda`-marked cases on the
+# one harness, summarized into $OUT/<concept>_cuda.json (+ .md table, .png plot).
+run_step bench_cuda 300 env PYTHON="$PY" bash bench/run.sh --device cuda --out "$OUT_DIR" --no-md
 
 # compute-sanitizer over the kernel tests (memory errors, shared-memory races).
 SANITIZER="${CUDA_HOME:+$CUDA_HOME/bin/}compute-sanitizer"
@@ -168,7 +162,7 @@ summary = {"gpu": gpu, "torch": torch_version, "git_commit": commit or "unknown"
 with open(os.path.join(out_dir, "gpu_check.json"), "w") as f:
     json.dump(summary, f, indent=1)
 print()
-for path in sorted(glob.glob(os.path.join(out_dir, "bench_*.json"))):
+for path in sorted(glob.glob(os.path.join(out_dir, "*_cuda.json"))):
     try:
         table = json.load(open(path)).get("table")
     except (OSError, ValueError):
