@@ -5,6 +5,7 @@
     print(report)
     peft_ext.unpatch(model)             # plain nn.Linear back
 """
+from . import _library  # noqa: F401  (checks the build, loads _C; first on purpose)
 from . import ops
 from .nn import Int8Linear, SparseLinear
 from .patch import PatchReport, patch, unpatch
@@ -16,3 +17,9 @@ __version__ = "0.1.0"
 
 __all__ = ["Int8Linear", "PatchReport", "Prefetcher", "PruneReport", "SparseLinear", "offload", "ops",
            "patch", "prune", "unpatch", "__version__"]
+
+# Last, once the package is complete: registers the transformers quantizer when
+# transformers gets imported (or now, if it already is); no import otherwise.
+from .integrations import _lazy  # noqa: E402
+
+_lazy.on_import("transformers", "peft_ext.integrations.transformers")
