@@ -28,6 +28,7 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 # newer GPUs (sm_100, sm_120) JIT-compile it instead of failing with
 # "no kernel image is available".
 DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"
+SYSTEM_CUDA = "/usr/local/cuda"
 
 
 def _has_cudart(home):
@@ -53,7 +54,7 @@ def cuda_candidates():
     explicit = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
     if explicit:
         return [("CUDA_HOME", explicit)]
-    found = [("/usr/local/cuda", "/usr/local/cuda")]
+    found = [(SYSTEM_CUDA, SYSTEM_CUDA)]
     nvcc = shutil.which("nvcc")
     if nvcc:
         target = _wrapper_target(nvcc)

@@ -6,6 +6,7 @@ from typing import Callable, Iterable, List, Optional, Union
 
 from torch import nn
 
+from .integrations._lazy import after_patch
 from .nn.int8_linear import Int8Linear, _is_conv1d
 from .nn.sparse_linear import PATTERNS as SPARSE_PATTERNS, SparseLinear, choose_kernel
 from .ops import FLOAT_DTYPES
@@ -225,6 +226,7 @@ def patch(
         from .offload import offload as offload_model
 
         report.offload = offload_model(model, **offload)
+    after_patch(model)
     return report
 
 
@@ -279,4 +281,5 @@ def unpatch(model: nn.Module) -> PatchReport:
                                             child.in_features, child.out_features,
                                             _param_bytes(child), _param_bytes(layer)))
         setattr(parent, attr, restored[id(child)])
+    after_patch(model)
     return report

@@ -53,3 +53,12 @@ def on_import(package: str, integration: str) -> None:
         _import_integration(integration)
     elif importlib.util.find_spec(package) is not None:
         sys.meta_path.insert(0, _AfterImport(package, integration))
+
+
+def after_patch(model) -> None:
+    """Called by patch() and unpatch(): lets the loaded integrations record what
+    changed (transformers: the save format of a patched model, see
+    peft_ext.integrations.transformers.sync). Imports nothing."""
+    hf = sys.modules.get("peft_ext.integrations.transformers")
+    if hf is not None:
+        hf.sync(model)

@@ -20,6 +20,7 @@ mismatch on that key instead of loading int8 values as float weights.
 import logging
 
 import torch
+from transformers import PreTrainedModel
 from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
 from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
 from transformers.utils.quantization_config import QuantizationConfigMixin
@@ -141,7 +142,7 @@ class PeftExtHfQuantizer(HfQuantizer):
             return model
         peft_ext.patch(model, quantize=config.quantize, target_modules=config.target_modules,
                        exclude_modules=config.exclude_modules, min_params=config.min_params)
-        config.modules = _layer_table(model)
+        config.modules = _layer_table(model)  # patch() did so too (sync); this does not rely on it
         return model
 
     def get_state_dict_and_metadata(self, model):
@@ -186,13 +187,51 @@ def attach(model, quantize=None):
     modes = {spec["mode"] for spec in table.values()}
     if quantize is None:
         quantize = "int8_weight_only" if modes == {"weight_only"} else "int8"
-    config = PeftExtConfig(quantize=quantize, modules=table)
-    quantizer = PeftExtHfQuantizer(config, pre_quantized=True)
+    quantizer = getattr(model, "hf_quantizer", None)
+    if isinstance(quantizer, PeftExtHfQuantizer):  # loaded with PeftExtConfig: keep its settings
+        config = quantizer.quantization_config
+        config.modules = table
+    else:
+        config = PeftExtConfig(quantize=quantize, modules=table)
+        quantizer = PeftExtHfQuantizer(config, pre_quantized=True)
     model.config.quantization_config = config
     model.hf_quantizer = quantizer
     model.is_quantized = True
     model.quantization_method = METHOD
     return model
+
+
+def detach(model):
+    """Forget the peft_ext quantization config (after unpatch(): the model saves as float again)."""
+    if isinstance(getattr(model.config, "quantization_config", None), PeftExtConfig):
+        del model.config.quantization_config
+    if isinstance(getattr(model, "hf_quantizer", None), PeftExtHfQuantizer):
+        del model.hf_quantizer
+        model.is_quantized = False
+        if hasattr(model, "quantization_method"):
+            del model.quantization_method
+    return model
+
+
+def sync(model):
+    """Called by peft_ext.patch() and unpatch(): every transformers model in
+    `model` (itself, or for example a sentence-transformers Transformer's
+    auto_model) that holds Int8Linear layers gets attach(), one that no longer
+    does gets detach(). Without this, save_pretrained of a patched model would
+    write int8 weights that a plain from_pretrained loads as floats."""
+    for hf_model in _outermost_hf_models(model):
+        if _layer_table(hf_model):
+            attach(hf_model)
+        else:
+            detach(hf_model)
+
+
+def _outermost_hf_models(model):
+    """transformers models in `model`, not descending into one once found (its
+    config describes its submodules too)."""
+    if isinstance(model, PreTrainedModel):
+        return [model]
+    return [m for child in model.children() for m in _outermost_hf_models(child)]
 
 
 def _register():

@@ -85,6 +85,15 @@ class Int8Linear(nn.Module):
             return ops.int8_linear(x, self.weight, self.weight_scale, self.bias)
         return ops.int8_linear_weight_only(x, self.weight, self.weight_scale, self.bias)
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # copy_ would cast a float weight to int8 without a word: a float
+        # checkpoint loaded into a patched model must fail loudly.
+        weight = state_dict.get(prefix + "weight")
+        if weight is not None and weight.dtype != torch.int8:
+            raise TypeError(f"{prefix}weight is {weight.dtype} in the state dict but Int8Linear holds int8: "
+                            "this is a float checkpoint; load it into the unpatched model, then patch it")
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def _apply(self, fn, recurse=True):
         # .half()/.bfloat16() set the compute dtype (the bias); the scales stay
         # float32 and the weight stays int8 whatever fn does to floats.
