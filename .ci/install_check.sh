@@ -15,7 +15,7 @@ export PEFT_EXT_CUDA=0 HF_HUB_OFFLINE=1
 t0=$(date +%s)
 "$PYTHON" -m venv "$tmp/venv"
 py="$tmp/venv/bin/python"
-"$py" -m pip install -q "$TORCH_SPEC" ninja "setuptools>=70.1" wheel build tqdm pytest
+"$py" -m pip install -q "$TORCH_SPEC" ninja "setuptools>=70.1" wheel build tqdm pytest numpy hypothesis
 t1=$(date +%s)
 # The sdist from a copy, so that the build leaves nothing in the checkout.
 mkdir "$tmp/src"

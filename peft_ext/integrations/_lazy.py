@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 def _import_integration(module_name):
     try:
         importlib.import_module(module_name)
-    except Exception as error:  # an integration must never break the user's import
+    except Exception as error:  # noqa: BLE001  (an integration must never break the user's import)
         log.warning("peft_ext: could not load %s (%s: %s)", module_name, type(error).__name__, error)
 
 

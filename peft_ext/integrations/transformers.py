@@ -89,7 +89,7 @@ def _split(name):
 def _flatten_weights(model, state_dict):
     """The save format: each Int8Linear weight flattened (see the module docstring)."""
     state_dict = dict(state_dict)
-    for name, module in _patched_layers(model).items():
+    for name in _patched_layers(model):
         key = f"{name}.weight" if name else "weight"
         if key in state_dict:
             state_dict[key] = state_dict[key].reshape(-1)
