@@ -50,29 +50,40 @@ def _entry(module_name, name, obj):
             if attr.startswith("_"):
                 continue
             func = member.__func__ if isinstance(member, (classmethod, staticmethod)) else member
-            if inspect.isfunction(func) and inspect.getdoc(func):
-                lines += [f"#### `{name}.{attr}{_signature(func)}`", "", inspect.getdoc(func), ""]
-            elif isinstance(member, property) and inspect.getdoc(member):
-                lines += [f"#### `{name}.{attr}` (property)", "", inspect.getdoc(member), ""]
+            # Own docstrings only: inspect.getdoc would repeat nn.Module's.
+            if inspect.isfunction(func) and func.__doc__:
+                lines += [f"#### `{name}.{attr}{_signature(func)}`", "", inspect.cleandoc(func.__doc__), ""]
+            elif isinstance(member, property) and member.__doc__:
+                lines += [f"#### `{name}.{attr}` (property)", "", inspect.cleandoc(member.__doc__), ""]
     return lines
+
+
+def _has_example(obj):
+    return ">>>" in (inspect.getdoc(obj) or "")
 
 
 def render():
     lines = ["# peft_ext API reference", "",
              "Generated from the docstrings by `docs/generate.py` (`make docs`); do not edit by hand.",
              "`Example:` blocks are doctests, run by `tests/test_readme.py`.", ""]
+    body, missing = [], []
     for module_name, names, needs in SECTIONS:
         if needs is not None and importlib.util.find_spec(needs) is None:
             continue
         module = importlib.import_module(module_name)
         names = names or sorted(n for n in getattr(module, "__all__", []) if not n.startswith("__"))
-        lines += [f"## `{module_name}`", ""]
+        body += [f"## `{module_name}`", ""]
         summary = (inspect.getdoc(module) or "").split("\n\n")[0]
         if summary:
-            lines += [summary, ""]
+            body += [summary, ""]
         for name in names:
-            lines += _entry(module_name, name, getattr(module, name))
-    return "\n".join(lines).rstrip() + "\n"
+            obj = getattr(module, name)
+            body += _entry(module_name, name, obj)
+            if not inspect.ismodule(obj) and not _has_example(obj):
+                missing.append(f"`{module_name}.{name}`")
+    if missing:
+        lines += ["Without an example so far: " + ", ".join(missing) + ".", ""]
+    return "\n".join(lines + body).rstrip() + "\n"
 
 
 def main(argv=None):

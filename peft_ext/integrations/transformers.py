@@ -202,7 +202,15 @@ def attach(model, quantize=None):
 
 
 def detach(model):
-    """Forget the peft_ext quantization config (after unpatch(): the model saves as float again)."""
+    """Forget the peft_ext quantization config (after unpatch(): the model saves as float again).
+
+    Example:
+        >>> from transformers import GPT2Config, GPT2Model
+        >>> from peft_ext.integrations.transformers import detach
+        >>> model = GPT2Model(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=50))
+        >>> hasattr(detach(model).config, "quantization_config")
+        False
+    """
     if isinstance(getattr(model.config, "quantization_config", None), PeftExtConfig):
         del model.config.quantization_config
     if isinstance(getattr(model, "hf_quantizer", None), PeftExtHfQuantizer):
@@ -218,7 +226,19 @@ def sync(model):
     `model` (itself, or for example a sentence-transformers Transformer's
     auto_model) that holds Int8Linear layers gets attach(), one that no longer
     does gets detach(). Without this, save_pretrained of a patched model would
-    write int8 weights that a plain from_pretrained loads as floats."""
+    write int8 weights that a plain from_pretrained loads as floats.
+
+    Example:
+        >>> import peft_ext
+        >>> from transformers import GPT2Config, GPT2Model
+        >>> model = GPT2Model(GPT2Config(n_embd=64, n_layer=1, n_head=2, vocab_size=50))
+        >>> _ = peft_ext.patch(model)              # calls sync(model)
+        >>> sorted(model.config.quantization_config.modules)[:2]
+        ['h.0.attn.c_attn', 'h.0.attn.c_proj']
+        >>> _ = peft_ext.unpatch(model)
+        >>> hasattr(model.config, "quantization_config")
+        False
+    """
     for hf_model in _outermost_hf_models(model):
         if _layer_table(hf_model):
             attach(hf_model)
