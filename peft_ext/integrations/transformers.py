@@ -195,9 +195,9 @@ def attach(model, quantize=None):
         config = PeftExtConfig(quantize=quantize, modules=table)
         quantizer = PeftExtHfQuantizer(config, pre_quantized=True)
     model.config.quantization_config = config
+    # Only what save_pretrained reads. Not `is_quantized`: transformers then
+    # refuses model.half() and Trainer fine-tuning, which patched layers support.
     model.hf_quantizer = quantizer
-    model.is_quantized = True
-    model.quantization_method = METHOD
     return model
 
 
