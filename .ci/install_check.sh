@@ -4,10 +4,16 @@
 # and imports it; then runs tests/test_install.py from a copy of the checkout
 # without a compiled library, as a user does after `pip install .`.
 # CPU-only (PEFT_EXT_CUDA=0) to keep CI time in check.
-# Usage: .ci/install_check.sh [python] [torch spec]
+# Usage: .ci/install_check.sh [python] [torch spec] [venv to borrow torch from]
+# With a third argument (make test passes its .venv), the fresh venv sees that
+# venv's packages through a .pth file instead of downloading torch (~3 GB)
+# again; peft_ext itself is still only the wheel built here (the borrowed
+# venv's editable install is not activated: its finder runs only from a .pth
+# in a site dir).
 set -eu
 PYTHON=${1:-python3}
 TORCH_SPEC=${2:-torch==2.14.1}
+BORROW=${3:-}
 root=$(cd "$(dirname "$0")/.." && pwd)
 tmp=$(mktemp -d /tmp/peft_ext_install.XXXXXX)
 trap 'rm -rf "$tmp"' EXIT
@@ -15,7 +21,14 @@ export PEFT_EXT_CUDA=0 HF_HUB_OFFLINE=1
 t0=$(date +%s)
 "$PYTHON" -m venv "$tmp/venv"
 py="$tmp/venv/bin/python"
-"$py" -m pip install -q "$TORCH_SPEC" ninja "setuptools>=70.1" wheel build tqdm pytest numpy hypothesis
+deps='ninja setuptools>=70.1 wheel build tqdm pytest numpy hypothesis'
+if [ -n "$BORROW" ]; then
+  site=$("$py" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+  "$BORROW/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])' > "$site/borrowed.pth"
+  "$py" -c "import torch, setuptools, build, ninja, pytest" 2>/dev/null || "$py" -m pip install -q $deps
+else
+  "$py" -m pip install -q "$TORCH_SPEC" $deps
+fi
 t1=$(date +%s)
 # The sdist from a copy, so that the build leaves nothing in the checkout.
 mkdir "$tmp/src"
@@ -30,7 +43,7 @@ done
 wheel=$(ls "$tmp"/wheels/peft_ext-*.whl)
 case "$wheel" in *-cp310-abi3-*) ;; *) echo "install_check: $wheel is not an abi3 wheel" >&2; exit 1 ;; esac
 t2=$(date +%s)
-"$py" -m pip install -q --no-deps "$wheel"
+"$py" -m pip install -q --no-deps --ignore-installed "$wheel"
 (cd "$tmp" && "$py" -m peft_ext info && "$py" -c '
 import torch, peft_ext
 lin = torch.nn.Linear(64, 32)
