@@ -25,7 +25,9 @@ deps='ninja setuptools>=70.1 wheel build tqdm pytest numpy hypothesis'
 if [ -n "$BORROW" ]; then
   site=$("$py" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
   "$BORROW/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])' > "$site/borrowed.pth"
-  "$py" -c "import torch, setuptools, build, ninja, pytest" 2>/dev/null || "$py" -m pip install -q $deps
+  # from $tmp: a build/ folder in the current directory would pass for the `build` package
+  (cd "$tmp" && "$py" -c "import torch, setuptools, wheel, build.__main__, ninja, pytest, numpy, hypothesis" 2>/dev/null) ||
+    "$py" -m pip install -q $deps
 else
   "$py" -m pip install -q "$TORCH_SPEC" $deps
 fi
