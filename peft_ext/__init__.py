@@ -5,6 +5,7 @@
     print(report)
     peft_ext.unpatch(model)             # plain nn.Linear back
 """
+from . import _library  # noqa: F401  (checks the build, loads _C; first on purpose)
 from . import distill, ops
 from .distill import DistillationLoss, FusedLinearDistillationLoss
 from .nn import Int8Linear, SparseLinear
@@ -15,5 +16,12 @@ from .prune import PruneReport, prune
 
 __version__ = "0.1.0"
 
-__all__ = ["DistillationLoss", "FusedLinearDistillationLoss", "Int8Linear", "OffloadPlan", "Offloader", "PatchReport", "Prefetcher", "PruneReport", "SparseLinear",
-           "distill", "offload", "ops", "patch", "prune", "unpatch", "__version__"]
+__all__ = ["DistillationLoss", "FusedLinearDistillationLoss", "Int8Linear", "OffloadPlan", "Offloader",
+           "PatchReport", "Prefetcher", "PruneReport", "SparseLinear", "distill", "offload", "ops", "patch",
+           "prune", "unpatch", "__version__"]
+
+# Last, once the package is complete: registers the transformers quantizer when
+# transformers gets imported (or now, if it already is); no import otherwise.
+from .integrations import _lazy  # noqa: E402
+
+_lazy.on_import("transformers", "peft_ext.integrations.transformers")

@@ -7,6 +7,7 @@ from typing import Callable, Iterable, List, Optional, Union
 
 from torch import nn
 
+from .integrations._lazy import after_patch
 from ._modules import children, is_conv1d, is_linear, is_tuner_layer, select_linears, swap_blockers
 from ._report import human_bytes, table
 from .masking import MaskHandle
@@ -275,6 +276,7 @@ def patch(
             if isinstance(parent.__dict__.get("merge"), _MergeRefused):
                 del parent.merge
         raise
+    after_patch(model)
     return report
 
 
@@ -428,4 +430,5 @@ def unpatch(model: nn.Module) -> PatchReport:
         setattr(parent, attr, restored[id(child)])
         if attr == "base_layer" and isinstance(parent.__dict__.get("merge"), _MergeRefused):
             del parent.merge
+    after_patch(model)
     return report
