@@ -1,11 +1,11 @@
-"""`python -m peft_ext info | demo`."""
+"""`python -m peft_ext info | demo [train]`."""
 import argparse
 import logging
 
 import torch
 
 import peft_ext
-from peft_ext import demo, ops
+from peft_ext import demo, demo_train, ops
 
 
 def info():
@@ -25,10 +25,14 @@ def info():
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m peft_ext")
     parser.add_argument("command", choices=["info", "demo"])
+    parser.add_argument("what", nargs="?", choices=["minilm", "train"], default="minilm",
+                        help="demo: minilm (patch a real MiniLM, the default) or train (the digits training demo)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     if args.command == "info":
         info()
+    elif args.what == "train":
+        demo_train.main()
     else:
         demo.main()
 

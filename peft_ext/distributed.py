@@ -36,7 +36,7 @@ never touches buffers.
 import logging
 import zlib
 from dataclasses import dataclass, field
-from typing import Iterable, List, Optional
+from typing import Iterable, List
 
 import torch
 import torch.distributed as dist

@@ -15,6 +15,9 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 import peft_ext
@@ -178,10 +181,6 @@ def scenario_local_sgd(res, period=3, warmup=2, n_steps=9):
 
 
 def scenario_fsdp2(res):
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-    from torch.distributed.tensor import DTensor
-
     torch.manual_seed(3)
     model = Net()
     peft_ext.patch(model, "int8", target_modules=["fc1", "fc2", "fc3"], exclude_modules=None, min_params=0)
@@ -209,7 +208,7 @@ def scenario_fsdp2(res):
 
 def scenario_lora(res):
     try:
-        from peft import LoraConfig, get_peft_model
+        from peft import LoraConfig, get_peft_model  # noqa: PLC0415  (optional: skipped without peft)
     except ImportError:
         res["lora"] = "skipped: peft not installed"
         return

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch.distributed as dist
+from torch import nn
 
 from peft_ext import distributed as pdist
 
@@ -131,8 +132,6 @@ def test_failing_rank_ends_the_run(runs):
 
 
 def test_prepare_ddp_needs_a_process_group():
-    from torch import nn
-
     if dist.is_initialized():
         pytest.skip("a process group is already initialised in this process")
     with pytest.raises(RuntimeError, match="init_process_group"):
