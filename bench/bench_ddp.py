@@ -149,6 +149,7 @@ def main():
         return
     import harness  # noqa: PLC0415
 
+    torch.set_num_threads(1)  # the machine facts then name the workers' thread count
     tmp = Path(args.out).with_suffix(".ranks.json")
     tmp.parent.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
