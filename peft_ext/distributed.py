@@ -152,7 +152,9 @@ def prepare_ddp(model: nn.Module, *, mutable_buffers: Iterable[str] = (), check:
     check: run verify_replicated() first (two small all-reduces, once).
     ddp_kwargs: passed to DistributedDataParallel (device_ids, bucket_cap_mb,
         find_unused_parameters, ...); prepare_ddp sets the buffer sync itself.
-    The plan is `ddp.sync_plan` (a SyncPlan).
+    The plan is `ddp.sync_plan` (a SyncPlan). The ignore list stays on `model`
+    (DDP's `_ddp_params_and_buffers_to_ignore`): a later plain DDP of the same
+    model skips those tensors too.
     """
     clash = sorted({"broadcast_buffers", "forward_sync_buffers"} & set(ddp_kwargs))
     if clash:
@@ -163,11 +165,21 @@ def prepare_ddp(model: nn.Module, *, mutable_buffers: Iterable[str] = (), check:
     frozen = frozen_tensors(model, mutable)
     if check:
         verify_replicated(model, mutable, ddp_kwargs.get("process_group"))
-    DDP._set_params_and_buffers_to_ignore_for_model(model, [n for n, _ in frozen])
     buffers = dict(model.named_buffers())
     plan = SyncPlan([n for n, _ in frozen], sum(t.numel() * t.element_size() for _, t in frozen),
                     mutable, sum(buffers[n].numel() * buffers[n].element_size() for n in mutable))
-    ddp = DDP(model, forward_sync_buffers=bool(mutable), **ddp_kwargs)
+    # The ignore list is an attribute of the module (DDP reads it at construction);
+    # a failed construction must not leave it behind.
+    previous = getattr(model, "_ddp_params_and_buffers_to_ignore", None)
+    DDP._set_params_and_buffers_to_ignore_for_model(model, [n for n, _ in frozen])
+    try:
+        ddp = DDP(model, forward_sync_buffers=bool(mutable), **ddp_kwargs)
+    except BaseException:
+        if previous is None:
+            del model._ddp_params_and_buffers_to_ignore
+        else:
+            model._ddp_params_and_buffers_to_ignore = previous
+        raise
     ddp.sync_plan = plan
     log.info("prepare_ddp: %s", plan)
     return ddp

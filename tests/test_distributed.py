@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import torch.distributed as dist
 from torch import nn
 
@@ -138,3 +139,37 @@ def test_prepare_ddp_needs_a_process_group():
         pdist.prepare_ddp(nn.Linear(2, 2))
     with pytest.raises(TypeError, match="broadcast_buffers"):
         pdist.prepare_ddp(nn.Linear(2, 2), broadcast_buffers=True)
+
+
+def test_fingerprint_sees_one_changed_byte_and_a_swap():
+    w = torch.randint(-127, 128, (37, 13), dtype=torch.int8)
+    base = pdist._fingerprint(w)
+    one = w.clone()
+    one[5, 7] = one[5, 7] + 1 if one[5, 7] < 127 else one[5, 7] - 1
+    swapped = w.clone()
+    swapped[0, 0], swapped[0, 1] = w[0, 1].item(), w[0, 0].item()
+    assert torch.equal(base, pdist._fingerprint(w.clone()))
+    assert not torch.equal(base, pdist._fingerprint(one))
+    if w[0, 0] != w[0, 1]:
+        assert not torch.equal(base, pdist._fingerprint(swapped))
+    assert not torch.equal(pdist._fingerprint(torch.zeros(4)), pdist._fingerprint(torch.full((4,), -0.0)))
+
+
+def test_mutable_and_frozen_split():
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
+    model.register_buffer("table", torch.ones(3))
+    model.register_buffer("step", torch.zeros(()))
+    model[2].weight.requires_grad_(False)
+    mutable = pdist.mutable_buffer_names(model, ["step"])
+    assert mutable == ["1.running_mean", "1.running_var", "1.num_batches_tracked", "step"]
+    assert [n for n, _ in pdist.frozen_tensors(model, mutable)] == ["table", "2.weight"]
+    with pytest.raises(ValueError, match="mutable_buffers"):
+        pdist.mutable_buffer_names(model, ["nope"])
+
+
+def test_local_sgd_arguments_and_schedule():
+    with pytest.raises(ValueError, match="period"):
+        pdist.local_sgd(None, None, period=0)
+    with pytest.raises(ValueError, match="warmup_steps"):
+        pdist.local_sgd(None, None, period=2, warmup_steps=-1)
+    assert [s for s in range(10) if pdist.averaged_after(s, 3, 2)] == [2, 5, 8]
