@@ -56,8 +56,12 @@ def mlp(hidden):
 
 def load_digits_split():
     # scikit-learn is a demo-only dependency: imported where the demo needs it.
-    from sklearn.datasets import load_digits  # noqa: PLC0415
-    from sklearn.model_selection import train_test_split  # noqa: PLC0415
+    try:
+        from sklearn.datasets import load_digits  # noqa: PLC0415
+        from sklearn.model_selection import train_test_split  # noqa: PLC0415
+    except ImportError as e:
+        raise RuntimeError("`python -m peft_ext demo train` needs scikit-learn (its digits data ship with it): "
+                           "pip install 'peft_ext[demo]' or pip install scikit-learn") from e
 
     x, y = load_digits(return_X_y=True)
     xtr, xte, ytr, yte = train_test_split(x, y, test_size=0.3, random_state=SEED, stratify=y)
