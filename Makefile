@@ -53,6 +53,7 @@ info: build
 
 demo: build
 	$(BIN)/python -m peft_ext demo
+	$(BIN)/python -m peft_ext demo train
 
 # ruff.toml holds the lint rules (import-outside-top-level keeps import cycles out).
 lint: $(VENV)/.deps
@@ -83,15 +84,12 @@ test-cpp: build
 docs: build
 	$(BIN)/python docs/generate.py
 
-# Each bench/bench_<concept>.py writes bench/results/<concept>_cpu.json, then a
-# table of medians and speed-ups is printed. torchao is an optional peer.
+# bench/run.sh runs each bench/bench_<concept>.py with pytest-benchmark and
+# bench/summarize.py writes bench/results/<concept>_cpu.json (one schema), a
+# Markdown table and a plot. torchao is an optional peer.
 bench: build
 	$(BIN)/pip install -q torchao || true
-	for f in $$(ls bench/bench_*.py | grep -v _cuda.py); do \
-	  name=$$(basename $$f .py | sed 's/^bench_//'); \
-	  $(BIN)/python -m pytest -q $$f --benchmark-only --benchmark-json=bench/results/$${name}_cpu.json || exit 1; \
-	  $(BIN)/python bench/summarize.py bench/results/$${name}_cpu.json; \
-	done
+	PYTHON=$(BIN)/python bench/run.sh
 
 clean:
 	rm -rf build cmake-build dist peft_ext/*.so peft_ext/_build.py $(VENV)/.built

