@@ -5,7 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from peft_ext import ops, reference as ref
-from conftest import ISAS, make_int8 as make, sqnr_db, tol
+from helpers import ISAS, make_int8 as make, sqnr_db, tol
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 SHAPES = [(1, 1, 1), (1, 37, 5), (2, 31, 3), (3, 33, 13), (17, 100, 7), (33, 257, 65), (130, 64, 9)]
@@ -354,7 +354,7 @@ def test_packed_opcheck_and_gradients():
 def test_isa_names_are_checked():
     with pytest.raises(ValueError, match="must be 'scalar', 'avx2', 'avx_vnni' or 'avx512_vnni'"):
         ops.set_cpu_isa("bogus")
-    from conftest import ALL_ISAS, ISAS
+    from helpers import ALL_ISAS, ISAS
     for name in ALL_ISAS:
         if name not in ISAS:
             with pytest.raises(ValueError, match="does not support"):

@@ -9,7 +9,7 @@ multiples of 8/16 (byte-wise weight loads), and K multiples of 16 (cp.async).
 import pytest
 import torch
 
-from conftest import make_int8 as make, requires_cuda, sqnr_db, tol
+from helpers import make_int8 as make, requires_cuda, sqnr_db, tol
 from peft_ext import ops, reference as ref
 
 pytestmark = [pytest.mark.cuda, requires_cuda]

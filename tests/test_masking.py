@@ -11,7 +11,7 @@ from torch import nn
 import peft_ext
 from peft_ext import masking
 
-from conftest import requires_cuda
+from helpers import requires_cuda
 
 
 def mlp(seed=0):

@@ -12,7 +12,7 @@ import peft_ext
 from peft_ext.nn import Int8Linear
 from peft_ext import Offloader
 
-from conftest import requires_cuda
+from helpers import requires_cuda
 
 
 class Net(nn.Module):

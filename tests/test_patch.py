@@ -4,36 +4,8 @@ import torch
 from torch import nn
 
 import peft_ext
+from helpers import toy
 from peft_ext.nn import Int8Linear
-
-
-class Block(nn.Module):
-    def __init__(self, d=64):
-        super().__init__()
-        self.q_proj = nn.Linear(d, d)
-        self.v_proj = nn.Linear(d, d)
-        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
-
-    def forward(self, x):
-        return x + self.mlp(self.q_proj(x) + self.v_proj(x))
-
-
-class Toy(nn.Module):
-    def __init__(self, d=64, vocab=50):
-        super().__init__()
-        self.layers = nn.ModuleList([Block(d), Block(d)])
-        self.tiny = nn.Linear(4, 4)
-        self.lm_head = nn.Linear(d, vocab, bias=False)
-
-    def forward(self, x):
-        for layer in self.layers:
-            x = layer(x)
-        return self.lm_head(x)
-
-
-def toy():
-    torch.manual_seed(0)
-    return Toy()
 
 
 def kinds(model):

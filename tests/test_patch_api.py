@@ -8,7 +8,7 @@ from torch import nn
 
 import peft_ext
 from peft_ext import OffloadPlan, Offloader
-from test_patch import toy
+from helpers import toy
 
 
 def kinds(model):

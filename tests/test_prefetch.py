@@ -17,7 +17,7 @@ import torch
 import peft_ext
 from peft_ext import Prefetcher
 
-from conftest import requires_cuda
+from helpers import requires_cuda
 
 Pair = namedtuple("Pair", "x meta")
 

@@ -14,12 +14,10 @@ import torch
 from torch import nn
 
 import peft_ext
-from conftest import requires_cuda
+from helpers import make_bsr, mask_24, requires_cuda, run_poisoned
 from peft_ext import formats, reference as ref
 from peft_ext.ops import sparse as sparse_ops
 from peft_ext.nn import SparseLinear
-from test_int8_cuda import run_poisoned
-from test_sparse import make_bsr, mask_24
 
 pytestmark = [pytest.mark.cuda, requires_cuda]
 

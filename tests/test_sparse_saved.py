@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from peft_ext.ops import sparse as sparse_ops
-from test_sparse import make_24, make_bsr, make_csr
+from helpers import make_24, make_bsr, make_csr
 
 CASES = {
     "2:4": (lambda g: make_24(6, 36, 5, g), sparse_ops.sparse24_linear, 1),
