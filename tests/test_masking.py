@@ -54,6 +54,7 @@ def test_masks_follow_the_weight_dtype(dtype):
     assert any((m.weight[~z] != 0).any() for m, z in zip(linears(model), zeros))
 
 
+@pytest.mark.cuda
 @requires_cuda
 def test_masks_follow_the_weight_device():
     model = mlp()
