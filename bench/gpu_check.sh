@@ -127,7 +127,7 @@ SANITIZER="${CUDA_HOME:+$CUDA_HOME/bin/}compute-sanitizer"
 if [[ "${GPU_CHECK_SANITIZER:-1}" != 0 && -n "$SANITIZER" && -x "$SANITIZER" ]]; then
   for tool in memcheck racecheck; do
     run_step "sanitizer_$tool" 150 "$SANITIZER" --tool "$tool" --error-exitcode 1 --print-limit 20 \
-      "$PY" -m pytest -q -x -m "cuda and not slow" tests/test_int8_cuda.py tests/test_sparse_cuda.py \
+      "$PY" -m pytest -q -x -m "cuda and not slow" tests/test_int8.py tests/test_sparse.py \
       -p no:cacheprovider
   done
 else

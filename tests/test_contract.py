@@ -9,7 +9,7 @@ from torch import nn
 
 import peft_ext
 from peft_ext.nn import Int8Linear
-from test_patch import toy
+from helpers import toy
 
 
 class Scaled(nn.Linear):

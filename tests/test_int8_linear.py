@@ -1,13 +1,13 @@
 """Int8Linear as a module: conversion, dtype moves, serialization, training."""
 import copy
-import io
 import pickle
 
 import pytest
 import torch
 from torch import nn
 
-from peft_ext import reference as ref
+from helpers import ISAS
+from peft_ext import ops, reference as ref
 from peft_ext.nn import Int8Linear
 
 
@@ -218,9 +218,6 @@ def test_packed_weight_follows_weight_changes(isa):
 
 
 def test_packed_survives_a_tier_change():
-    from peft_ext import ops
-    from conftest import ISAS
-
     q = Int8Linear.from_linear(linear(k=100, n=33))
     x = torch.randn(12, 100)
     expected = ref.int8_linear(x, q.weight, q.weight_scale, q.bias)

@@ -11,7 +11,7 @@ from torch import nn
 import peft_ext
 from peft_ext import masking
 
-from conftest import requires_cuda
+from helpers import requires_cuda
 
 
 def mlp(seed=0):
@@ -54,6 +54,7 @@ def test_masks_follow_the_weight_dtype(dtype):
     assert any((m.weight[~z] != 0).any() for m, z in zip(linears(model), zeros))
 
 
+@pytest.mark.cuda
 @requires_cuda
 def test_masks_follow_the_weight_device():
     model = mlp()

@@ -12,7 +12,7 @@ import peft_ext
 from peft_ext.nn import Int8Linear
 from peft_ext import Offloader
 
-from conftest import requires_cuda
+from helpers import requires_cuda
 
 
 class Net(nn.Module):
@@ -322,6 +322,7 @@ def test_unpatch_after_patch_offload_leaves_no_hooks():
 INT8_ON_CUDA = torch._C._dispatch_has_kernel_for_dispatch_key("peft_ext::int8_linear", "CUDA")
 
 
+@pytest.mark.cuda
 @requires_cuda
 @pytest.mark.parametrize("int8", [False, True])
 def test_cuda_streaming_matches_resident_model(int8):
@@ -339,7 +340,3 @@ def test_cuda_streaming_matches_resident_model(int8):
         torch.testing.assert_close(model(x), ref(x), rtol=0, atol=0)
     assert "streamed" in {r.placement for r in ctl.plan.rows}
     assert ctl.plan.resident_bytes + ctl.plan.ring_bytes <= budget
-
-
-# issue 10 #8: the CUDA test carries the `cuda` marker that bench/gpu_check.sh selects.
-pytest.mark.cuda(test_cuda_streaming_matches_resident_model)

@@ -17,7 +17,7 @@ import torch
 import peft_ext
 from peft_ext import Prefetcher
 
-from conftest import requires_cuda
+from helpers import requires_cuda
 
 Pair = namedtuple("Pair", "x meta")
 
@@ -294,6 +294,7 @@ def test_source_refilling_one_buffer(depth):
     assert got == [(i, i, i, i, [i] * 3) for i in range(60)]
 
 
+@pytest.mark.cuda
 @requires_cuda
 def test_cuda_pinned_source_refilling_one_buffer():
     # A pinned source is uploaded straight from its memory: the upload must be
@@ -487,6 +488,7 @@ def test_overlap_stays_in_unit_interval_with_dataloader(num_workers):
     assert s["consumer_wait_s"] <= s["elapsed_s"]
 
 
+@pytest.mark.cuda
 @requires_cuda
 @pytest.mark.parametrize("pinned_source", [False, True])
 def test_cuda_order_and_values(pinned_source):
@@ -507,6 +509,7 @@ def test_cuda_order_and_values(pinned_source):
     torch.cuda.synchronize()
 
 
+@pytest.mark.cuda
 @requires_cuda
 def test_cuda_kept_batches_and_device_passthrough():
     dev = torch.device("cuda", torch.cuda.current_device())
@@ -518,10 +521,7 @@ def test_cuda_kept_batches_and_device_passthrough():
         check(i, x.cpu(), 1000 + i)
 
 
-# --- issue 10: pinned CPU slots are fenced; the CUDA tests carry the `cuda`
-# marker that bench/gpu_check.sh selects (-m cuda).
-for _t in (test_cuda_order_and_values, test_cuda_kept_batches_and_device_passthrough):
-    pytest.mark.cuda(_t)
+# --- issue 10: pinned CPU slots are fenced.
 
 
 @pytest.fixture

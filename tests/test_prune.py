@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import peft_ext
-from test_patch import toy
+from helpers import toy
 
 
 def weights(model):

@@ -8,8 +8,8 @@ from torch import nn
 
 import peft_ext
 from peft_ext.nn import SparseLinear
-from conftest import requires_cuda
-from test_patch import toy
+from helpers import requires_cuda
+from helpers import toy
 
 CASES = [("2:4", {}), ("unstructured", {}), ("block", {"block": (16, 16)}), ("block", {"block": (4, 8)})]
 
