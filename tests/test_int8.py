@@ -193,14 +193,7 @@ def test_empty_in_features_gives_bias(device, lead):
         assert torch.equal(fn(x, q, s, b), b.expand(*lead, 5))
         out = fn(x, q, s, None)
         assert out.shape == (*lead, 5) and (out == 0).all()
-    try:
-        qx, sx = ops.quantize_per_token(x)
-    except RuntimeError as exc:
-        if device.type != "cpu":
-            raise
-        # Known gap of the CPU kernel (the linear ops above handle K = 0 there):
-        # shown as xfail until fixed, then this test checks it like on CUDA.
-        pytest.xfail(f"CPU quantize_per_token with in_features == 0 raises: {exc}")
+    qx, sx = ops.quantize_per_token(x)
     assert qx.shape == (torch.Size(lead).numel(), 0) and (sx == 0).all()
 
 

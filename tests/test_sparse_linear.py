@@ -277,6 +277,19 @@ def test_load_refuses_malformed_compressed_indices(pattern, kw):
             SparseLinear(64, 48, pattern=pattern, **kw).load_state_dict(sd)
 
 
+# issue 9 #22: an int64 column index of 2**32 + c must not wrap to c in the int32 buffer.
+@pytest.mark.parametrize("pattern, kw", [c for c in CASES if c[0] != "2:4"])
+def test_load_refuses_int64_column_indices_that_would_wrap(pattern, kw):
+    sp = SparseLinear.from_linear(pruned_linear(pattern, kw), pattern=pattern, **kw)
+    sd = {k: v.clone() for k, v in sp.state_dict().items()}
+    sd["col"] = sd["col"].to(torch.int64) + 2**32
+    fresh = SparseLinear(64, 48, pattern=pattern, **kw)
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    with pytest.raises(RuntimeError, match="col"):
+        fresh.load_state_dict(sd)
+    assert all(torch.equal(before[k], v) for k, v in fresh.state_dict().items())
+
+
 def test_meta_input_with_cpu_weights_raises():
     sp = SparseLinear.from_linear(pruned_linear("unstructured", {}), pattern="unstructured")
     with pytest.raises(RuntimeError, match="meta"):

@@ -311,6 +311,11 @@ constexpr int64_t kPackedMinM = 8;
 
 std::tuple<at::Tensor, at::Tensor> quantize_per_token_cpu(const at::Tensor& x) {
   check_float_input(x, "x");
+  if (x.size(-1) == 0) {
+    // Empty rows: absmax 0, scale 0 (rows_f32 cannot reshape 0 elements to [-1, 0]).
+    const int64_t M = leading_rows(x);
+    return {at::empty({M, 0}, x.options().dtype(at::kChar)), at::zeros({M}, x.options().dtype(at::kFloat))};
+  }
   const at::Tensor x2d = rows_f32(x);
   const QuantizedRows r = quantize(x2d);
   return {r.q.narrow(1, 0, x2d.size(1)).contiguous(), r.scale};
