@@ -6,6 +6,7 @@
     peft_ext.unpatch(model)             # plain nn.Linear back
 """
 from . import ops
+from .integrations.hooks import when_imported as _when_imported
 from .nn import Int8Linear, SparseLinear
 from .offload import OffloadPlan, Offloader, offload
 from .patch import PatchReport, patch, unpatch
@@ -13,6 +14,9 @@ from .prefetch import Prefetcher
 from .prune import PruneReport, prune
 
 __version__ = "0.1.0"
+
+# HF peft (optional, slow to import) learns our layers once it is imported.
+_when_imported("peft", "peft_ext.integrations.peft", "register")
 
 __all__ = ["Int8Linear", "OffloadPlan", "Offloader", "PatchReport", "Prefetcher", "PruneReport", "SparseLinear",
            "offload", "ops", "patch", "prune", "unpatch", "__version__"]
