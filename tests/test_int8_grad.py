@@ -7,7 +7,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import make_int8 as make, requires_cuda, tol
-from peft_ext import Int8Linear, ops, reference as ref
+from peft_ext import Int8Linear, reference as ref
+from peft_ext.ops import int8 as ops
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # (M, N, K): rows of the gradient, out_features, in_features. K off multiples

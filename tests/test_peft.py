@@ -35,8 +35,13 @@ def patched(kind, seed=0):
 
 def base_buffers(model):
     """Every buffer of every patched layer, cloned (int8 weights, scales, sparse values and indices)."""
-    return {f"{name}.{b}": t.clone() for name, m in model.named_modules() if isinstance(m, (Int8Linear, SparseLinear))
-            for b, t in m.named_buffers(recurse=False)}
+    return {f"{_plain(name)}.{b}": t.clone() for name, m in model.named_modules()
+            if isinstance(m, (Int8Linear, SparseLinear)) for b, t in m.named_buffers(recurse=False)}
+
+
+def _plain(name):
+    """A module's name in the model without peft's wrappers."""
+    return name.replace("base_model.model.", "", 1).replace(".base_layer", "")
 
 
 def assert_same_buffers(before, model):

@@ -43,6 +43,10 @@ class _PatchedLoraLinear(LoraLinear):
         self.fan_in_fan_out = False
         self._saved_base = []  # one dict of buffers per merged adapter, in merge order
 
+    def _get_in_out_features(self, module):
+        # peft's generic lookup would warn "Unsupported layer type" for ours.
+        return module.in_features, module.out_features
+
     def _base_state(self):
         raise NotImplementedError
 
