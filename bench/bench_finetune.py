@@ -33,7 +33,7 @@ BASES = ["fp32", "int8_weight_only", "int8", "2:4"]
 TARGETS = ["query", "key", "value", "attention.output.dense"]
 PAIRS = 8 if harness.QUICK else 16
 MAX_LEN = 32
-STEPS = 3 if harness.QUICK else 20
+STEPS = 3 if harness.QUICK else 10
 
 
 def sentence_pairs(n):
@@ -146,7 +146,14 @@ def memory_in_subprocess(base, steps):
 
 @pytest.fixture(scope="module")
 def memory():
-    return {base: memory_in_subprocess(base, STEPS) for base in BASES}
+    out = {}
+    raw = os.path.join(harness.ROOT, "bench", "results", "raw")
+    os.makedirs(raw, exist_ok=True)
+    for base in BASES:
+        out[base] = memory_in_subprocess(base, STEPS)
+        with open(os.path.join(raw, "finetune_memory_cpu.json"), "w") as f:  # kept even if timing is cut short
+            json.dump(out, f, indent=1)
+    return out
 
 
 @pytest.mark.parametrize("base", BASES)
@@ -165,7 +172,7 @@ def test_train_step_cpu(benchmark, memory, base):
         train_extra_rss_mib=mem["train_extra_rss_mib"], rss_before_train_mib=mem["rss_before_train_mib"],
         peak_memory_method="fresh subprocess per base: VmHWM after clear_refs reset at training start",
         frozen_weight_bytes=mem["frozen_weight_bytes"], frozen_weight_ratio=fp32_bytes / mem["frozen_weight_bytes"])
-    benchmark.pedantic(s.step, warmup_rounds=1 if harness.QUICK else 2, rounds=3 if harness.QUICK else 10)
+    benchmark.pedantic(s.step, warmup_rounds=1, rounds=3 if harness.QUICK else 5)
 
 
 if __name__ == "__main__":
