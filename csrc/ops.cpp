@@ -59,6 +59,9 @@ TORCH_LIBRARY(peft_ext, m) {
       "Tensor");
   // q_w * s_w as a float tensor of the given dtype (backward, to_linear).
   m.def("int8_dequantize(Tensor weight, Tensor weight_scale, ScalarType dtype) -> Tensor");
+  // Backward of both int8 linear ops: grad[..., N] -> grad @ (q_w * s_w), [..., K]
+  // in grad's dtype, read from the int8 weight (no float copy of W is made).
+  m.def("int8_grad_input(Tensor grad, Tensor weight, Tensor weight_scale) -> Tensor");
 
   // prefetch: torch.classes.peft_ext.PrefetchRing(str device, int depth, bool pin_memory),
   // a fixed ring of slots filled by a C++ worker thread (and, on CUDA, a side

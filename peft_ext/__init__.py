@@ -20,8 +20,10 @@ __all__ = ["DistillationLoss", "FusedLinearDistillationLoss", "Int8Linear", "Off
            "PatchReport", "Prefetcher", "PruneReport", "SparseLinear", "distill", "offload", "ops", "patch",
            "prune", "unpatch", "__version__"]
 
-# Last, once the package is complete: registers the transformers quantizer when
-# transformers gets imported (or now, if it already is); no import otherwise.
+# Last, once the package is complete: registers the transformers quantizer and
+# teaches HF peft our layers when those libraries get imported (or now, if they
+# already are); no import otherwise.
 from .integrations import _lazy  # noqa: E402
 
 _lazy.on_import("transformers", "peft_ext.integrations.transformers")
+_lazy.on_import("peft", "peft_ext.integrations.peft")  # peft: seconds to import, optional

@@ -44,6 +44,13 @@ def int8_dequantize(weight, weight_scale, dtype=torch.float32):
     return (weight.float() * weight_scale[:, None]).to(dtype)
 
 
+def int8_grad_input(grad, weight, weight_scale):
+    # float64: the oracle's own rounding stays far below the kernel's.
+    g = grad.reshape(-1, grad.shape[-1]).double() * weight_scale.double()
+    out = g @ weight.double()
+    return out.to(grad.dtype).reshape(*grad.shape[:-1], weight.shape[1])
+
+
 # --- sparse: dense weights rebuilt from the compressed formats of
 # peft_ext/formats.py through torch's own sparse tensors (a second, independent
 # reading of the layouts), and the sparse linear ops in float64.

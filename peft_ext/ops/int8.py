@@ -53,6 +53,13 @@ def int8_dequantize(weight, weight_scale, dtype=torch.float32):
     return _ops.int8_dequantize(weight, weight_scale, dtype)
 
 
+def int8_grad_input(grad, weight, weight_scale):
+    """grad[..., N] @ (weight * weight_scale[:, None]) -> [..., K] in grad's dtype,
+    read from the int8 weight: the backward of both int8 linear ops, without
+    the float copy of the weight that grad @ int8_dequantize(W) allocates."""
+    return _ops.int8_grad_input(grad, weight, weight_scale)
+
+
 def _rows(x):
     m = 1
     for s in x.shape[:-1]:
@@ -93,6 +100,12 @@ def _int8_dequantize_fake(weight, weight_scale, dtype):
     return weight.new_empty(weight.shape, dtype=dtype)
 
 
+@torch.library.register_fake("peft_ext::int8_grad_input")
+def _int8_grad_input_fake(grad, weight, weight_scale):
+    torch._check(grad.shape[-1] == weight.shape[0], lambda: "grad and weight disagree on out_features")
+    return grad.new_empty((*grad.shape[:-1], weight.shape[1]))
+
+
 def _linear_setup_context(ctx, inputs, output):
     x, weight, weight_scale, bias = inputs[:4]
     ctx.n_inputs = len(inputs)
@@ -106,7 +119,7 @@ def _linear_backward(ctx, grad):
     weight, weight_scale = ctx.saved_tensors
     grad_x = grad_bias = None
     if ctx.needs_input_grad[0]:
-        grad_x = grad @ int8_dequantize(weight, weight_scale, grad.dtype)
+        grad_x = int8_grad_input(grad, weight, weight_scale)
     if ctx.bias_dtype is not None and ctx.needs_input_grad[3]:
         grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0).to(ctx.bias_dtype)
     return (grad_x, None, None, grad_bias) + (None,) * (ctx.n_inputs - 4)

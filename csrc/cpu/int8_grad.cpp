@@ -1,0 +1,73 @@
+// CPU int8 backward op: grad_x[M, K] = sum_n grad[M, n] * w[n, K] * scale[n],
+// read straight from the int8 weight (the forward's weight with the transposed
+// access). The float copy of W that grad @ int8_dequantize(W) would allocate
+// on every backward never exists; the only temporaries are activation sized.
+#include <algorithm>
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "../int8_checks.h"
+#include "cpu_features.h"
+#include "int8_grad_kernels.h"
+
+namespace peft_ext::cpu {
+
+void grad_input_scalar(const float* g, int64_t M, int64_t N, const int8_t* w, int64_t K,
+                       int64_t k0, int64_t k1, float* out) {
+  for (int64_t m = 0; m < M; ++m) {
+    float* o = out + m * K;
+    for (int64_t k = k0; k < k1; ++k) o[k] = 0.0f;
+    for (int64_t n = 0; n < N; ++n) {
+      const float gv = g[m * N + n];
+      const int8_t* wr = w + n * K;
+      for (int64_t k = k0; k < k1; ++k) o[k] += gv * static_cast<float>(wr[k]);
+    }
+  }
+}
+
+namespace {
+
+// Columns per parallel task: a multiple of the AVX2 tile width (16), wide
+// enough that a task's slice of every weight row is a whole cache line.
+constexpr int64_t kColumnBlock = 64;
+
+at::Tensor int8_grad_input_cpu(const at::Tensor& grad, const at::Tensor& weight,
+                               const at::Tensor& weight_scale) {
+  check_float_input(grad, "grad");
+  check_int8_weight(weight, weight_scale);
+  TORCH_CHECK_VALUE(grad.device() == weight.device(), "grad is on ", grad.device(),
+                    " but weight is on ", weight.device());
+  const int64_t N = weight.size(0), K = weight.size(1);
+  TORCH_CHECK_VALUE(grad.size(-1) == N, "grad has ", grad.size(-1),
+                    " features in its last dimension but weight has out_features=", N);
+  auto shape = grad.sizes().vec();
+  shape.back() = K;
+  const int64_t M = grad.numel() / std::max<int64_t>(N, 1);
+  if (N == 0 || M == 0 || K == 0) return at::zeros(shape, grad.options());
+  // Folding the per-channel scale into the gradient costs M * N multiplies
+  // once instead of one per weight element and output row.
+  const at::Tensor g = grad.reshape({M, N}).to(at::kFloat).mul(weight_scale).contiguous();
+  const bool f32 = grad.scalar_type() == at::kFloat;
+  at::Tensor out = at::empty({M, K}, grad.options().dtype(at::kFloat));
+  const bool avx2 = active_isa() == Isa::Avx2;
+  const float* gp = g.data_ptr<float>();
+  const int8_t* wp = weight.data_ptr<int8_t>();
+  float* op = out.data_ptr<float>();
+  const int64_t blocks = (K + kColumnBlock - 1) / kColumnBlock;
+  // Below ~64k multiply-adds a thread costs more than it saves.
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / (kColumnBlock * M * N));
+  at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
+    auto fn = avx2 ? grad_input_avx2 : grad_input_scalar;
+    fn(gp, M, N, wp, K, b0 * kColumnBlock, std::min(K, b1 * kColumnBlock), op);
+  });
+  if (f32) return out.view(shape);
+  return out.to(grad.scalar_type()).view(shape);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(peft_ext, CPU, m) { m.impl("int8_grad_input", &int8_grad_input_cpu); }
+
+}  // namespace peft_ext::cpu
