@@ -27,6 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import harness  # noqa: E402
+from peft_ext.demo import contrastive_loss, minilm_path, sentence_pairs  # noqa: E402
 
 GROUP = "finetune"
 BASES = ["fp32", "int8_weight_only", "int8", "2:4"]
@@ -34,31 +35,6 @@ TARGETS = ["query", "key", "value", "attention.output.dense"]
 PAIRS = 8 if harness.QUICK else 16
 MAX_LEN = 32
 STEPS = 3 if harness.QUICK else 10
-
-
-def sentence_pairs(n):
-    """(first halves, second halves) of n standard-library docstring sentences."""
-    from peft_ext.demo import real_sentences  # noqa: PLC0415
-
-    pairs = []
-    for s in real_sentences(4 * n):
-        words = s.split()
-        if len(words) >= 8:
-            pairs.append((" ".join(words[: len(words) // 2]), " ".join(words[len(words) // 2:])))
-        if len(pairs) == n:
-            break
-    return [a for a, _ in pairs], [b for _, b in pairs]
-
-
-def _embed(model, enc):
-    hidden = model(**enc).last_hidden_state
-    mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-    return torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
-
-
-def contrastive_loss(model, a, b):
-    logits = 20.0 * _embed(model, a) @ _embed(model, b).t()
-    return torch.nn.functional.cross_entropy(logits, torch.arange(logits.shape[0]))
 
 
 def frozen_weight_bytes(model):
@@ -85,7 +61,6 @@ class Setup:
         from transformers import AutoModel, AutoTokenizer  # noqa: PLC0415
 
         import peft_ext  # noqa: PLC0415
-        from peft_ext.demo import minilm_path  # noqa: PLC0415
 
         torch.manual_seed(seed)
         path = minilm_path()

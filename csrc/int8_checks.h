@@ -50,4 +50,15 @@ inline void check_int8_linear_args(const at::Tensor& x, const at::Tensor& weight
   check_bias(bias, x, weight.size(0));
 }
 
+// grad [..., N] for the weight [N, K] of int8_grad_input (CPU and CUDA).
+inline void check_int8_grad_args(const at::Tensor& grad, const at::Tensor& weight,
+                                 const at::Tensor& weight_scale) {
+  check_float_input(grad, "grad");
+  check_int8_weight(weight, weight_scale);
+  TORCH_CHECK_VALUE(grad.device() == weight.device(), "grad is on ", grad.device(),
+                    " but weight is on ", weight.device());
+  TORCH_CHECK_VALUE(grad.size(-1) == weight.size(0), "grad has ", grad.size(-1),
+                    " features in its last dimension but weight has out_features=", weight.size(0));
+}
+
 }  // namespace peft_ext

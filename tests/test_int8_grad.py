@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from conftest import make_int8 as make, requires_cuda, tol
+from helpers import make_int8 as make, requires_cuda, tol
 from peft_ext import Int8Linear, reference as ref
 from peft_ext.ops import int8 as ops
 

@@ -35,13 +35,8 @@ constexpr int64_t kColumnBlock = 64;
 
 at::Tensor int8_grad_input_cpu(const at::Tensor& grad, const at::Tensor& weight,
                                const at::Tensor& weight_scale) {
-  check_float_input(grad, "grad");
-  check_int8_weight(weight, weight_scale);
-  TORCH_CHECK_VALUE(grad.device() == weight.device(), "grad is on ", grad.device(),
-                    " but weight is on ", weight.device());
+  check_int8_grad_args(grad, weight, weight_scale);
   const int64_t N = weight.size(0), K = weight.size(1);
-  TORCH_CHECK_VALUE(grad.size(-1) == N, "grad has ", grad.size(-1),
-                    " features in its last dimension but weight has out_features=", N);
   auto shape = grad.sizes().vec();
   shape.back() = K;
   const int64_t M = grad.numel() / std::max<int64_t>(N, 1);

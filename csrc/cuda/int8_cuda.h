@@ -19,6 +19,9 @@ at::Tensor int8_dequantize_cuda(const at::Tensor& weight, const at::Tensor& weig
                                 at::ScalarType dtype);
 at::Tensor int8_linear_cuda(const at::Tensor& x, const at::Tensor& weight,
                             const at::Tensor& weight_scale, const std::optional<at::Tensor>& bias);
+// grad [..., N] @ dequant(weight) without a float copy of the weight (int8_grad.cu).
+at::Tensor int8_grad_input_cuda(const at::Tensor& grad, const at::Tensor& weight,
+                                const at::Tensor& weight_scale);
 at::Tensor int8_linear_weight_only_cuda(const at::Tensor& x, const at::Tensor& weight,
                                         const at::Tensor& weight_scale,
                                         const std::optional<at::Tensor>& bias);

@@ -313,6 +313,7 @@ TORCH_LIBRARY_IMPL(peft_ext, CUDA, m) {
   m.impl("int8_linear", &int8_linear_cuda);
   m.impl("int8_linear_weight_only", &int8_linear_weight_only_cuda);
   m.impl("int8_dequantize", &int8_dequantize_cuda);
+  m.impl("int8_grad_input", &int8_grad_input_cuda);
 }
 
 }  // namespace peft_ext::cuda

@@ -13,7 +13,6 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
 
 #include "../int8_checks.h"
 #include "int8_cuda.h"
@@ -76,15 +75,12 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+}  // namespace
+
 at::Tensor int8_grad_input_cuda(const at::Tensor& grad, const at::Tensor& weight,
                                 const at::Tensor& weight_scale) {
-  check_float_input(grad, "grad");
-  check_int8_weight(weight, weight_scale);
-  TORCH_CHECK_VALUE(grad.device() == weight.device(), "grad is on ", grad.device(),
-                    " but weight is on ", weight.device());
+  check_int8_grad_args(grad, weight, weight_scale);
   const int64_t N = weight.size(0), K = weight.size(1);
-  TORCH_CHECK_VALUE(grad.size(-1) == N, "grad has ", grad.size(-1),
-                    " features in its last dimension but weight has out_features=", N);
   const c10::cuda::CUDAGuard guard(grad.device());
   auto shape = grad.sizes().vec();
   shape.back() = K;
@@ -103,9 +99,5 @@ at::Tensor int8_grad_input_cuda(const at::Tensor& grad, const at::Tensor& weight
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
 }
-
-}  // namespace
-
-TORCH_LIBRARY_IMPL(peft_ext, CUDA, m) { m.impl("int8_grad_input", &int8_grad_input_cuda); }
 
 }  // namespace peft_ext::cuda
