@@ -24,23 +24,31 @@ def _import_integration(module_name):
 
 
 class _AfterImport(importlib.abc.MetaPathFinder):
+    # Stays in sys.meta_path until the package really executes: a bare
+    # importlib.util.find_spec(package) probe (transformers does this for peft)
+    # must not use it up.
     def __init__(self, package, integration):
         self.package = package
         self.integration = integration
+        self.busy = False
 
     def find_spec(self, name, path=None, target=None):
-        if name != self.package:
+        if name != self.package or self.busy:
             return None
-        sys.meta_path.remove(self)  # one shot; also keeps find_spec below from recursing
-        spec = importlib.util.find_spec(name)
+        self.busy = True  # the real finders answer the lookup below, not this one
+        try:
+            spec = importlib.util.find_spec(name)
+        finally:
+            self.busy = False
         if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
             return spec
         exec_module = spec.loader.exec_module
-        integration = self.integration
 
         def exec_then_integrate(module):
             exec_module(module)
-            _import_integration(integration)
+            if self in sys.meta_path:
+                sys.meta_path.remove(self)
+            _import_integration(self.integration)
 
         spec.loader.exec_module = exec_then_integrate
         return spec
