@@ -47,8 +47,7 @@ from torch.nn.modules.batchnorm import _NormBase
 from torch.nn.modules.module import register_module_module_registration_hook
 
 from ._report import human_bytes, table
-from .ops import build_info
-from .prefetch import Prefetcher, _resolve_device
+from .prefetch import Prefetcher, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -446,22 +445,6 @@ def _swap_watcher(ref):
     return hook
 
 
-def _default_device():
-    """The available accelerator (torch.accelerator) when offload() can use it
-    (CUDA, with a CUDA build of peft_ext), else the CPU."""
-    acc = getattr(torch, "accelerator", None)
-    if acc is not None and acc.is_available():
-        kind = acc.current_accelerator().type
-    else:
-        kind = "cuda" if torch.cuda.is_available() else "cpu"
-    if kind == "cuda" and build_info().get("cuda") == "1":
-        return torch.device("cuda")
-    if kind != "cpu":
-        log.warning("offload: a %s accelerator is available but peft_ext%s cannot use it; using the CPU", kind,
-                    " (built without CUDA)" if kind == "cuda" else "")
-    return torch.device("cpu")
-
-
 def offload(model: nn.Module, device=None, max_resident_bytes: Optional[int] = None,
             prefetch: int = 2, *, freeze: bool = False) -> Offloader:
     """Stream `model`'s frozen weights from host memory to `device` (default:
@@ -481,7 +464,7 @@ def offload(model: nn.Module, device=None, max_resident_bytes: Optional[int] = N
         raise ValueError(f"prefetch must be an int >= 1, got {prefetch!r}")
     if not isinstance(freeze, bool):
         raise ValueError(f"freeze must be True or False, got {freeze!r}")
-    dev = _resolve_device(_default_device() if device is None else device)
+    dev = resolve_device(device)  # None: prefetch.default_device()
     if max_resident_bytes is not None and (isinstance(max_resident_bytes, bool) or
                                            not isinstance(max_resident_bytes, int) or max_resident_bytes < 0):
         raise ValueError(f"max_resident_bytes must be an int >= 0, got {max_resident_bytes!r}")

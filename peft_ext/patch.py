@@ -15,7 +15,7 @@ from .nn.int8_linear import Int8Linear
 from .nn.sparse_linear import PATTERNS as SPARSE_PATTERNS, SparseLinear, choose_kernel
 from .offload import offload as offload_model
 from .ops import FLOAT_DTYPES, build_info
-from .prefetch import _resolve_device
+from .prefetch import resolve_device
 from .prune import prune as prune_model
 
 QUANTIZE_MODES = {"int8": "dynamic", "int8_weight_only": "weight_only"}
@@ -151,7 +151,7 @@ def _check_offload(offload):
     device = offload.get("device", inspect.signature(offload_model).parameters["device"].default)
     if device is not None:
         try:
-            _resolve_device(device)
+            resolve_device(device)
         except RuntimeError as e:  # torch.device's own message for a bad string
             raise ValueError(f"offload device={device!r}: {e}") from None
 

@@ -78,7 +78,7 @@ def default_device() -> torch.device:
     return torch.device("cpu")
 
 
-def _resolve_device(device) -> torch.device:
+def resolve_device(device) -> torch.device:
     if device is None:
         return default_device()
     dev = torch.device(device)
@@ -284,7 +284,7 @@ class Prefetcher:
     def __init__(self, iterable, device=None, depth=2, pin_memory=True, progress=False):
         if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
             raise ValueError(f"depth must be an int >= 1, got {depth!r}")
-        self.device = _resolve_device(device)
+        self.device = resolve_device(device)
         try:
             self._len = len(iterable)
         except TypeError:
