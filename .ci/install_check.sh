@@ -21,12 +21,20 @@ export PEFT_EXT_CUDA=0 HF_HUB_OFFLINE=1
 t0=$(date +%s)
 "$PYTHON" -m venv "$tmp/venv"
 py="$tmp/venv/bin/python"
-deps='ninja setuptools>=70.1 wheel build tqdm pytest numpy hypothesis'
+deps='ninja setuptools>=77.0.3 wheel build tqdm pytest numpy hypothesis'
 if [ -n "$BORROW" ]; then
   site=$("$py" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
   "$BORROW/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])' > "$site/borrowed.pth"
+  # A fresh venv of Python <= 3.11 carries its own setuptools (65.5), which
+  # sits before the .pth entry on sys.path and fails the build's
+  # setuptools>=70.1 requirement (torch itself wants >=77.0.3): drop it so the
+  # borrowed venv's setuptools is the one found.
+  "$py" -m pip uninstall -q -y setuptools 2>/dev/null || true
   # from $tmp: a build/ folder in the current directory would pass for the `build` package
-  (cd "$tmp" && "$py" -c "import torch, setuptools, wheel, build.__main__, ninja, pytest, numpy, hypothesis" 2>/dev/null) ||
+  (cd "$tmp" && "$py" -c "
+import torch, setuptools, wheel, build.__main__, ninja, pytest, numpy, hypothesis
+assert int(setuptools.__version__.split('.')[0]) >= 77, setuptools.__version__
+" 2>/dev/null) ||
     "$py" -m pip install -q $deps
 else
   "$py" -m pip install -q "$TORCH_SPEC" $deps
