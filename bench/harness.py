@@ -235,6 +235,26 @@ class Rotation:
         return fn(*args)
 
 
+def paired_ratio(baseline_fn, fn, *args, pairs: int = 20, warmup: int = 2) -> float:
+    """median(baseline time) / median(fn time) over calls that alternate baseline, fn,
+    baseline, fn, ... (CPU, wall clock). On a machine whose speed drifts (other tenants,
+    clocks), two separately timed tests can land in different phases; alternating puts
+    both in the same one, so this ratio is the one to trust when the two disagree."""
+    for _ in range(warmup):
+        baseline_fn(*args)
+        fn(*args)
+    tb, tf = [], []
+    for _ in range(pairs):
+        t0 = time.perf_counter()
+        baseline_fn(*args)
+        t1 = time.perf_counter()
+        fn(*args)
+        t2 = time.perf_counter()
+        tb.append(t1 - t0)
+        tf.append(t2 - t1)
+    return statistics.median(tb) / statistics.median(tf)
+
+
 def cold_copies(weight_bytes: int, cache_bytes: int) -> int:
     """How many copies of a weight of weight_bytes exceed twice cache_bytes in total."""
     n = max(2, 2 * cache_bytes // max(weight_bytes, 1) + 1)

@@ -11,7 +11,8 @@ A row: op, impl, shape, dtype, M, device, regime, median_s, spread (IQR / median
 baseline, ratio (baseline median / this median: above 1, this one is faster), accuracy
 (SQNR dB against float64, None where it does not apply), and where the benchmark gave a
 roofline floor bound_s: bound ("memory" or "compute") and fraction_of_bound
-(bound_s / median_s). Other extra_info fields are kept as they are.
+(bound_s / median_s); paired_ratio where the benchmark also timed the pair in alternating
+calls (harness.paired_ratio). Other extra_info fields are kept as they are.
 """
 import argparse
 import json
@@ -107,7 +108,8 @@ def sections(rows):
 def table(machine, rows):
     lines = [header(machine), "",
              "Cells: median (ratio = baseline median / this median, against the named baseline; "
-             "above 1 is faster). Bound: the row's roofline floor over its median "
+             "above 1 is faster; 'alternating calls': the same ratio from calls that alternate "
+             "between the two, robust to the machine's speed drifting between tests). Bound: the row's roofline floor over its median "
              "(memory bound: measured read bandwidth; compute bound: measured peak), as a percentage.", ""]
     for (op, regime, dtype), rs in sections(rows).items():
         impls = list(OrderedDict.fromkeys(r["impl"] for r in rs))
@@ -124,7 +126,9 @@ def table(machine, rows):
                     continue
                 text = _fmt_s(r["median_s"])
                 if r["ratio"] is not None and r["baseline"] != impl:
-                    text += f" ({r['ratio']:.2f}x {r['baseline']})"
+                    paired = r.get("paired_ratio")
+                    paired = f", alternating calls {paired:.2f}x" if isinstance(paired, (int, float)) else ""
+                    text += f" ({r['ratio']:.2f}x {r['baseline']}{paired})"
                 for key, fmt in SHOWN:
                     if isinstance(r.get(key), (int, float)):
                         text += ", " + fmt.format(r[key])
