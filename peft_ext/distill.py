@@ -233,9 +233,13 @@ def _grad_student_logits(s, t, labels, valid, cfg):
 
 
 def _default_chunk(tokens, hidden, vocab):
-    # A (chunk x vocab) block about the size of the (tokens x hidden) input: memory stays
-    # at the input's scale, and each chunk's matmul is still large enough to run at speed.
-    return max(1, min(tokens, 1 << max(0, math.ceil(math.log2(max(1, tokens * hidden // vocab))))))
+    # A (chunk x vocab) block about 4x the size of the (tokens x hidden) input: memory stays
+    # at the input's scale, and every chunk passes over the head weights (and their
+    # gradient) once, so fewer, larger chunks run faster. Measured on the CPU at 4096 tokens,
+    # hidden 1024, vocab 32768 (one step, alternating with the unfused loss at 16.4-18.9 s):
+    # chunk 128 took 21.4 s, 512 18.4-19.2 s, 1024 17.4-18.6 s; the peak stays below 1/4
+    # of the unfused loss's.
+    return max(1, min(tokens, 1 << max(0, math.ceil(math.log2(max(1, 4 * tokens * hidden // vocab))))))
 
 
 class _FusedLinearDistillation(torch.autograd.Function):
@@ -375,8 +379,8 @@ fused_linear_distillation_loss.__doc__ = """DistillationLoss computed from hidde
     The teacher: teacher_hidden (..., H_t) with teacher_weight (V, H_t) [and
     teacher_bias], or teacher_logits (..., V) (these are already tokens x vocab).
     labels: integer, shape student_hidden.shape[:-1]. reduction: "batchmean" or "sum".
-    chunk_size: tokens per chunk; default about tokens * H_s / V (a power of two),
-    so a (chunk x V) block is about the size of the hidden states.
+    chunk_size: tokens per chunk; default about 4 * tokens * H_s / V (a power of two),
+    so a (chunk x V) block is about 4x the size of the hidden states.
 
     The loss is exactly DistillationLoss's (formula below) on those logits.
     The student logits are never held for all tokens: each chunk's loss and the
