@@ -121,7 +121,7 @@ def test_train_loop_overlap(benchmark, setup, kind):
         if kind == "prefetch":
             stats.append(it.stats())
 
-    benchmark.group = "prefetch"
+    benchmark.group = "prefetch_loop"
     benchmark.pedantic(run, rounds=ROUNDS, iterations=1, warmup_rounds=1)
     step = statistics.median(benchmark.stats.stats.data) / BATCHES
     STEPS["overlap", kind] = step
@@ -143,7 +143,7 @@ def test_train_loop_overhead(benchmark, setup, kind):
         for b in it:
             tr.step(b)
 
-    benchmark.group = "prefetch"
+    benchmark.group = "prefetch_loop"
     benchmark.pedantic(run, rounds=ROUNDS, iterations=1, warmup_rounds=1)
     step = statistics.median(benchmark.stats.stats.data) / BATCHES
     STEPS["overhead", kind] = step

@@ -100,6 +100,11 @@ def test_linear_cpu(benchmark, impls, impl, m):
                                     baseline=BASELINE.get(impl, "dense_fp32_linear"), accuracy=accuracy)
         rounds = 2 if QUICK else (10 if m >= 128 else 30)
         benchmark.pedantic(fn, args=(x,), warmup_rounds=1 if QUICK else 2, rounds=rounds)
+        if impl.startswith("peft_ext"):
+            # and in calls alternating with the baseline (harness.paired_ratio)
+            base = BASELINE.get(impl, "dense_fp32_linear")
+            benchmark.extra_info["paired_ratio"] = harness.paired_ratio(
+                impls[base][0], fn, x, pairs=2 if QUICK else (8 if m >= 128 else 30))
 
 
 # ---------------------------------------------------------------------------
