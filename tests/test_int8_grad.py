@@ -12,9 +12,11 @@ from peft_ext.ops import int8 as ops
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # (M, N, K): rows of the gradient, out_features, in_features. K off multiples
-# of 16 and 64 reaches the AVX2 kernel's column tail and the last partial block.
+# of 16 and 64 reaches the AVX2 kernel's column tail and the last partial block;
+# M above 64 (the CPU's direct-kernel limit) the tiled BLAS path, with one
+# block of weight rows (N = 1) or two (130 x 9, 300 x 70).
 SHAPES = [(1, 1, 1), (1, 5, 37), (2, 3, 31), (3, 13, 33), (7, 17, 100), (13, 65, 257), (130, 9, 64),
-          (6, 40, 130), (12, 31, 1000)]
+          (6, 40, 130), (12, 31, 1000), (64, 21, 50), (65, 3, 16), (200, 1, 7), (300, 70, 33)]
 
 
 def make_grad(m, n, k, dtype, seed=None):
