@@ -13,6 +13,7 @@
 #include "../int8_checks.h"
 #include "../linear_common.h"
 #include "cpu_features.h"
+#include "int8_grad_kernels.h"
 #include "int8_kernels.h"
 
 namespace peft_ext::cpu {
@@ -415,7 +416,7 @@ at::Tensor int8_linear_weight_only_cpu(const at::Tensor& x, const at::Tensor& we
   if (M > kWeightOnlyDirectMaxM) {
     // Tiles of about 4 MiB of float weights bound the extra memory; a float32
     // output is written in place, others go through one float32 buffer.
-    const int64_t tile = std::max<int64_t>(16, (int64_t{1} << 20) / std::max<int64_t>(K, 1));
+    const int64_t tile = float_tile_rows(K);
     const bool in_place = x.scalar_type() == at::kFloat;
     at::Tensor y = in_place ? out.view({M, N}) : at::empty({M, N}, x2d.options());
     for (int64_t n0 = 0; n0 < N; n0 += tile) {

@@ -47,8 +47,7 @@ constexpr int64_t kGradDirectMaxM = 64;
 // so the weight as a whole is never copied to float.
 void grad_input_tiled(const at::Tensor& g, const at::Tensor& weight, at::Tensor& out) {
   const int64_t N = weight.size(0), K = weight.size(1);
-  const int64_t rows = std::max<int64_t>(
-      1, std::min<int64_t>((N + 1) / 2, std::max<int64_t>(16, (int64_t{1} << 20) / K)));
+  const int64_t rows = std::max<int64_t>(1, std::min<int64_t>((N + 1) / 2, float_tile_rows(K)));
   for (int64_t n0 = 0; n0 < N; n0 += rows) {
     const int64_t nt = std::min(rows, N - n0);
     const at::Tensor wt = weight.narrow(0, n0, nt).to(at::kFloat);
@@ -59,6 +58,23 @@ void grad_input_tiled(const at::Tensor& g, const at::Tensor& weight, at::Tensor&
       out.addmm_(gt, wt);
     }
   }
+}
+
+// out = g @ w straight from the int8 weight, threads over column blocks.
+void grad_input_direct(const at::Tensor& g, const at::Tensor& weight, at::Tensor& out) {
+  const int64_t M = g.size(0), N = weight.size(0), K = weight.size(1);
+  // Every tier from AVX2 up (the VNNI tiers have AVX2 too) runs the AVX2 kernel.
+  const bool avx2 = uses_avx2(active_isa());
+  const float* gp = g.data_ptr<float>();
+  const int8_t* wp = weight.data_ptr<int8_t>();
+  float* op = out.data_ptr<float>();
+  const int64_t blocks = (K + kColumnBlock - 1) / kColumnBlock;
+  // Below ~64k multiply-adds a thread costs more than it saves.
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / (kColumnBlock * M * N));
+  at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
+    auto fn = avx2 ? grad_input_avx2 : grad_input_scalar;
+    fn(gp, M, N, wp, K, b0 * kColumnBlock, std::min(K, b1 * kColumnBlock), op);
+  });
 }
 
 at::Tensor int8_grad_input_cpu(const at::Tensor& grad, const at::Tensor& weight,
@@ -76,21 +92,9 @@ at::Tensor int8_grad_input_cpu(const at::Tensor& grad, const at::Tensor& weight,
   at::Tensor out = at::empty({M, K}, grad.options().dtype(at::kFloat));
   if (M > kGradDirectMaxM) {
     grad_input_tiled(g, weight, out);
-    if (f32) return out.view(shape);
-    return out.to(grad.scalar_type()).view(shape);
+  } else {
+    grad_input_direct(g, weight, out);
   }
-  // Every tier from AVX2 up (the VNNI tiers have AVX2 too) runs the AVX2 kernel.
-  const bool avx2 = uses_avx2(active_isa());
-  const float* gp = g.data_ptr<float>();
-  const int8_t* wp = weight.data_ptr<int8_t>();
-  float* op = out.data_ptr<float>();
-  const int64_t blocks = (K + kColumnBlock - 1) / kColumnBlock;
-  // Below ~64k multiply-adds a thread costs more than it saves.
-  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / (kColumnBlock * M * N));
-  at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
-    auto fn = avx2 ? grad_input_avx2 : grad_input_scalar;
-    fn(gp, M, N, wp, K, b0 * kColumnBlock, std::min(K, b1 * kColumnBlock), op);
-  });
   if (f32) return out.view(shape);
   return out.to(grad.scalar_type()).view(shape);
 }

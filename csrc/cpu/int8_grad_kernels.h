@@ -2,9 +2,16 @@
 // computed from the int8 weight itself, so no float copy of W is ever made.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 
 namespace peft_ext::cpu {
+
+// Rows of a [N, K] int8 weight converted to float per block on the BLAS paths
+// (weight-only forward, backward): about 4 MiB of floats, at least 16 rows.
+inline int64_t float_tile_rows(int64_t K) {
+  return std::max<int64_t>(16, (int64_t{1} << 20) / std::max<int64_t>(K, 1));
+}
 
 // out[m, k] = sum_n g[m, n] * w[n, k] for all M rows and the columns
 // [k0, k1). g [M, N] float32 holds grad * weight_scale (the scale folded into
