@@ -188,8 +188,9 @@ at::Tensor kernel_rows(const PackedKernel& g, const at::Tensor& q) {
   return u;
 }
 
-// The shared packed driver: panels [p0, p1) (`panels` points at panel p0,
-// `sums` at column 16 * p0, ignored unless g.shifted) times all M rows.
+}  // namespace
+
+// The shared packed driver (declared in int8_kernels.h, where its contract is).
 void gemm_panels(const PackedKernel& g, const uint8_t* x, int64_t ldx, int64_t M, int64_t K,
                  int64_t N, const int8_t* panels, const int32_t* sums, int64_t p0, int64_t p1,
                  const Epilogue& ep) {
@@ -232,6 +233,8 @@ void gemm_panels(const PackedKernel& g, const uint8_t* x, int64_t ldx, int64_t M
     }
   }
 }
+
+namespace {
 
 void pack_panels(const int8_t* w, int64_t N, int64_t K, int64_t p0, int64_t p1, int8_t* dst) {
   auto fn = uses_avx2(active_isa()) ? pack_panels_avx2 : pack_panels_scalar;

@@ -112,6 +112,14 @@ struct PackedKernel {
   bool shifted;
 };
 
+// The shared packed driver every tier runs: output columns of panels
+// [p0, p1) (`panels` points at panel p0, `sums` at the column sums of column
+// 16 * p0, read only when g.shifted) for all M rows of x (stride ldx, the rows
+// kernel_rows gives: q, or q ^ 0x80 for a shifted kernel), through ep.
+void gemm_panels(const PackedKernel& g, const uint8_t* x, int64_t ldx, int64_t M, int64_t K,
+                 int64_t N, const int8_t* panels, const int32_t* sums, int64_t p0, int64_t p1,
+                 const Epilogue& ep);
+
 // Scalar: a portable emulation of vpdpbusd (shifted), so every machine tests
 // the shift, the column sums and the driver the VNNI tiers use.
 PackedKernel packed_kernel_scalar();

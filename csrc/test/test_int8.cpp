@@ -1,6 +1,7 @@
 // C++ test for libtorch users: calls the int8 ops through the dispatcher and
-// checks them against a plain reference, on both CPU ISAs.
+// checks them against a plain reference, on every CPU tier this machine has.
 #include <cstdio>
+#include <string>
 
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/torch.h>
@@ -28,22 +29,33 @@ int check(bool ok, const char* what) {
 int main() {
   torch::manual_seed(0);
   int failures = 0;
-  for (const char* isa : {"scalar", "avx2"}) {
-    if (std::string(isa) == "avx2" && peft_ext::cpu::detected_isa() != peft_ext::cpu::Isa::Avx2)
+  using peft_ext::cpu::Isa;
+  const Isa tiers[] = {Isa::Scalar, Isa::Avx2, Isa::AvxVnni, Isa::Avx512Vnni};
+  for (const Isa tier : tiers) {
+    const char* isa = peft_ext::cpu::isa_name(tier);
+    if (static_cast<int>(tier) > static_cast<int>(peft_ext::cpu::detected_isa())) {
+      std::printf("skip: %s (not supported by this CPU; best: %s)\n", isa,
+                  peft_ext::cpu::isa_name(peft_ext::cpu::detected_isa()));
       continue;
+    }
     peft_ext::cpu::set_isa(isa);
-    // Integer inputs with a 127 in every row: scales of 1, so the exact
-    // result is the integer product.
-    at::Tensor x = torch::randint(-127, 128, {5, 77}).to(torch::kFloat);
-    x.select(1, 0).fill_(127);
-    at::Tensor w = torch::randint(-127, 128, {9, 77}).to(torch::kChar);
-    at::Tensor s = torch::ones({9});
-    at::Tensor b = torch::randn({9});
-    at::Tensor exact = x.to(torch::kDouble).mm(w.to(torch::kDouble).t()) + b.to(torch::kDouble);
-    at::Tensor dyn = call_linear("peft_ext::int8_linear", x, w, s, b);
-    failures += check(torch::allclose(dyn.to(torch::kDouble), exact, 1e-6, 1e-4), isa);
-    at::Tensor wo = call_linear("peft_ext::int8_linear_weight_only", x, w, s, b);
-    failures += check(torch::allclose(wo.to(torch::kDouble), exact, 1e-6, 1e-2), isa);
+    // 5 rows take the dot-product kernels, 37 the packed register tiles.
+    for (const int64_t rows : {5, 37}) {
+      // Integer inputs with a 127 in every row: scales of 1, so the exact
+      // result is the integer product.
+      at::Tensor x = torch::randint(-127, 128, {rows, 77}).to(torch::kFloat);
+      x.select(1, 0).fill_(127);
+      at::Tensor w = torch::randint(-127, 128, {9, 77}).to(torch::kChar);
+      at::Tensor s = torch::ones({9});
+      at::Tensor b = torch::randn({9});
+      at::Tensor exact = x.to(torch::kDouble).mm(w.to(torch::kDouble).t()) + b.to(torch::kDouble);
+      const std::string what = std::string(isa) + ", " + std::to_string(rows) + " rows";
+      at::Tensor dyn = call_linear("peft_ext::int8_linear", x, w, s, b);
+      failures += check(torch::allclose(dyn.to(torch::kDouble), exact, 1e-6, 1e-4), (what + ", W8A8").c_str());
+      at::Tensor wo = call_linear("peft_ext::int8_linear_weight_only", x, w, s, b);
+      failures += check(torch::allclose(wo.to(torch::kDouble), exact, 1e-6, 1e-2),
+                        (what + ", weight-only").c_str());
+    }
   }
   return failures == 0 ? 0 : 1;
 }
