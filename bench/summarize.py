@@ -186,11 +186,12 @@ def _minor_label(v, _):
 
 def plot(rows, path, title):
     """One panel per (op, regime, dtype, shape, ours impl): speed-up against each peer vs M."""
-    import matplotlib
+    # Lazy: matplotlib is needed only for the PNG, and the backend must be set first.
+    import matplotlib  # noqa: PLC0415
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import FuncFormatter, NullFormatter
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+    from matplotlib.ticker import FuncFormatter, NullFormatter  # noqa: PLC0415
 
     panels = OrderedDict()
     for (op, regime, dtype), rs in sections(rows).items():
