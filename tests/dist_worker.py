@@ -7,6 +7,7 @@ violation (torchrun then fails the run); every rank also writes what it saw
 to OUT_DIR/rank<r>.json for the test to read. Scenario "fail" makes rank 1
 raise while rank 0 waits in a collective.
 """
+import copy
 import json
 import os
 import sys
@@ -229,6 +230,61 @@ def scenario_lora(res):
         p.numel() for p in model.parameters() if p.requires_grad)}
 
 
+def scenario_fsdp2_lora(res):
+    """peft LoRA on an int8 + 2:4 base, sharded with FSDP2: the adapters train
+    exactly as one process training on the concatenated batches would, and
+    the frozen base (int8 / sparse buffers, frozen parameters) never moves."""
+    try:
+        from peft import LoraConfig, get_peft_model  # noqa: PLC0415  (optional: skipped without peft)
+    except ImportError:
+        res["fsdp2_lora"] = "skipped: peft not installed"
+        return
+    torch.manual_seed(6)
+    net = Net()
+    peft_ext.patch(net, "int8", target_modules=["fc1"], exclude_modules=None, min_params=0)
+    peft_ext.patch(net, None, target_modules=["fc2"], exclude_modules=None, min_params=0,
+                   prune=dict(sparsity=0.5, pattern="2:4"))
+    model = get_peft_model(net, LoraConfig(r=4, lora_alpha=8, target_modules=["fc1", "fc2", "fc3"],
+                                           init_lora_weights=False))
+    reference = copy.deepcopy(model)  # trained alone on each step's global batch
+    before = {n: b.clone() for n, b in model.named_buffers()}
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    layers = model.base_model.model
+    for name in ("fc1", "fc2", "fc3"):
+        fully_shard(getattr(layers, name), mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    check(not any(isinstance(b, DTensor) for b in model.buffers()), "FSDP2 sharded a base buffer")
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=1e-2)
+    ref_opt = torch.optim.AdamW([p for p in reference.parameters() if p.requires_grad], lr=1e-2)
+    for step, (x, y) in enumerate(loader(0)):
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        # The same step on one process: equal local batches, so the mean over
+        # the concatenation is the mean of the ranks' means FSDP2 reduces.
+        xs, ys = [torch.empty_like(x) for _ in range(2)], [torch.empty_like(y) for _ in range(2)]
+        dist.all_gather(xs, x)
+        dist.all_gather(ys, y)
+        ref_opt.zero_grad()
+        nn.functional.cross_entropy(reference(torch.cat(xs)), torch.cat(ys)).backward()
+        ref_opt.step()
+        check(torch.isfinite(loss).item(), f"FSDP2 + LoRA loss not finite at step {step}")
+    full = {n: p.full_tensor() if isinstance(p, DTensor) else p.detach()
+            for n, p in model.named_parameters()}
+    ref = dict(reference.named_parameters())
+    worst = max((full[n] - ref[n].detach()).abs().max().item() for n in full if "lora_" in n)
+    check(worst < 1e-4, f"FSDP2 + LoRA adapters differ from single-process training by {worst}")
+    check(buffers_intact(model, before), "FSDP2 + LoRA changed a base buffer")
+    check(all(torch.equal(full[n], p) for n, p in frozen.items()), "FSDP2 + LoRA moved a frozen parameter")
+    lora_b = torch.cat([full[n].reshape(-1) for n in sorted(full) if "lora_B" in n])
+    check(same_on_all_ranks(lora_b.contiguous()), "FSDP2 + LoRA adapters differ between ranks")
+    res["fsdp2_lora"] = {"max_diff_vs_single_process": worst, "frozen_checked": len(frozen) + len(before),
+                         "base_types": [type(getattr(layers, n).base_layer).__name__ for n in ("fc1", "fc2", "fc3")]}
+
+
 def scenario_offload(res):
     model, mask = build(seed=5)
     before = {n: b.clone() for n, b in model.named_buffers()}
@@ -272,7 +328,7 @@ def scenario_fail(res):
 
 SCENARIOS = {f.__name__[len("scenario_"):]: f for f in
              (scenario_ddp, scenario_default_ddp, scenario_norm, scenario_local_sgd, scenario_fsdp2,
-              scenario_lora, scenario_offload, scenario_mismatch, scenario_fail)}
+              scenario_lora, scenario_fsdp2_lora, scenario_offload, scenario_mismatch, scenario_fail)}
 
 
 def main():

@@ -23,7 +23,7 @@ from peft_ext import distributed as pdist
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = ROOT / "tests" / "dist_worker.py"
 TIMEOUT_S = 150
-SCENARIOS = ["ddp", "default_ddp", "norm", "local_sgd", "fsdp2", "lora", "offload", "mismatch"]
+SCENARIOS = ["ddp", "default_ddp", "norm", "local_sgd", "fsdp2", "lora", "fsdp2_lora", "offload", "mismatch"]
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="torch.distributed with gloo is not available")
@@ -109,6 +109,14 @@ def test_lora_under_ddp(runs):
     if isinstance(lora, str):
         pytest.skip(lora)
     assert lora["frozen_checked"] >= 6 and lora["trainable"] > 0
+
+
+def test_fsdp2_lora_on_int8_and_sparse_base_matches_single_process(runs):
+    res = runs["ranks"][0]["fsdp2_lora"]
+    if isinstance(res, str):
+        pytest.skip(res)
+    assert res["base_types"] == ["Int8Linear", "SparseLinear", "Linear"]
+    assert res["max_diff_vs_single_process"] < 1e-4 and res["frozen_checked"] >= 6
 
 
 def test_offloaded_base_trains(runs):
