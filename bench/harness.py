@@ -236,23 +236,22 @@ class Rotation:
 
 
 def paired_ratio(baseline_fn, fn, *args, pairs: int = 20, warmup: int = 2) -> float:
-    """median(baseline time) / median(fn time) over calls that alternate baseline, fn,
-    baseline, fn, ... (CPU, wall clock). On a machine whose speed drifts (other tenants,
-    clocks), two separately timed tests can land in different phases; alternating puts
-    both in the same one, so this ratio is the one to trust when the two disagree."""
+    """median(baseline time) / median(fn time) over calls that alternate between the two
+    (CPU, wall clock), which one goes first swapping every pair (baseline, fn, fn,
+    baseline, ...) so that neither always follows the other. On a machine whose speed
+    drifts (other tenants, clocks), two separately timed tests can land in different
+    phases; alternating puts both in the same one, so this ratio is the one to trust when
+    the two disagree."""
     for _ in range(warmup):
         baseline_fn(*args)
         fn(*args)
-    tb, tf = [], []
-    for _ in range(pairs):
-        t0 = time.perf_counter()
-        baseline_fn(*args)
-        t1 = time.perf_counter()
-        fn(*args)
-        t2 = time.perf_counter()
-        tb.append(t1 - t0)
-        tf.append(t2 - t1)
-    return statistics.median(tb) / statistics.median(tf)
+    fns, times = (baseline_fn, fn), ([], [])
+    for i in range(pairs):
+        for j in (0, 1) if i % 2 == 0 else (1, 0):
+            t0 = time.perf_counter()
+            fns[j](*args)
+            times[j].append(time.perf_counter() - t0)
+    return statistics.median(times[0]) / statistics.median(times[1])
 
 
 def cold_copies(weight_bytes: int, cache_bytes: int) -> int:

@@ -46,10 +46,17 @@ struct Tier {
   int mr_max, np_max;
 };
 
-// The same tiles as packed_kernel_avx_vnni() / packed_kernel_avx512_vnni().
-const Tier kTiers[] = {
-    {"avx_vnni (emulated)", emulated::ymm::micro_tile, emulated::ymm::kMr, 1},
-    {"avx512_vnni (emulated)", emulated::zmm::micro_tile, emulated::zmm::kMr, emulated::zmm::kNp},
+// Each tier's own descriptor (packed_kernel_*(), which runs no VNNI code)
+// gives the tile the shared driver asks of the kernel; the emulated build of
+// the kernel body must serve exactly that tile.
+struct TierSpec {
+  const char* name;
+  MicroFn emulated_micro;
+  PackedKernel (*real)();
+};
+const TierSpec kTiers[] = {
+    {"avx_vnni (emulated)", emulated::ymm::micro_tile, packed_kernel_avx_vnni},
+    {"avx512_vnni (emulated)", emulated::zmm::micro_tile, packed_kernel_avx512_vnni},
 };
 
 std::mt19937 rng(1234);
@@ -94,8 +101,10 @@ void check_micro(const Tier& tier) {
         }
         std::vector<int32_t> out(8 * kTileLd), want(8 * kTileLd);
         for (size_t i = 0; i < out.size(); ++i) out[i] = want[i] = static_cast<int32_t>(rng());
-        // Start one lane near the top of int32 so the sum must wrap.
+        // Two lanes start at the ends of int32, so one of them wraps whichever
+        // way the sum goes (in the extreme case every sum is negative).
         out[0] = want[0] = INT32_MAX - 5;
+        out[1] = want[1] = INT32_MIN + 5;
         for (int i = 0; i < mr; ++i)
           for (int p = 0; p < np; ++p)
             for (int j = 0; j < kPanelCols; ++j) {
@@ -167,8 +176,17 @@ void check_driver(const Tier& tier, int64_t M, int64_t K, int64_t N) {
 }  // namespace
 
 int main() {
-  for (const Tier& tier : kTiers) {
+  for (const TierSpec& spec : kTiers) {
+    const PackedKernel real = spec.real();
+    const Tier tier{spec.name, spec.emulated_micro, real.mr_max, real.np_max};
     const int before = failures;
+    // The emulated body's own tile constants must be the descriptor's, and the
+    // tier must take the shifted (u8 x s8) path the kernels assume.
+    const int body_mr = tier.micro == emulated::ymm::micro_tile ? emulated::ymm::kMr : emulated::zmm::kMr;
+    const int body_np = tier.micro == emulated::ymm::micro_tile ? 1 : emulated::zmm::kNp;
+    expect(real.shifted && real.mr_max == body_mr && real.np_max == body_np, tier.name,
+           "descriptor (mr_max, np_max, shifted) matches the kernel body", real.mr_max, real.np_max,
+           real.shifted);
     check_micro(tier);
     for (int64_t M : {1, 5, 6, 7, 13, 49, 50})
       for (int64_t K : {1, 3, 4, 31, 257, 300})
