@@ -178,6 +178,41 @@ def test_empty_in_features_gives_bias_in_every_dtype(device, dtype):
 
 # ---- the CPU alone: default tier or every tier (`isa`)
 
+# Malformed compressed rows given straight to the ops (SparseLinear checks its
+# parts on load; the ops check on every call, before any index is read).
+# 3 rows of a 6-column weight; each case breaks one rule.
+_ROWS_OK = ([0, 2, 2, 4], [1, 4, 0, 5])
+_BAD_ROWS = [
+    ([0, 2, 2, 4], [1, 6, 0, 5], r"col\[1\]=6 is outside \[0, 6\)"),  # last of a row too large
+    ([0, 2, 2, 4], [-1, 4, 0, 5], r"col\[0\]=-1 is outside"),  # first of a row negative
+    ([0, 3, 3, 4], [1, 9, 2, 5], r"col\[1\]=9 is outside"),  # too large in the middle of a row
+    ([0, 2, 2, 4], [4, 1, 0, 5], "col must ascend within each row \\(row 0\\)"),
+    ([0, 2, 2, 4], [1, 4, 3, 3], "col must ascend within each row \\(row 2\\)"),  # a duplicate
+    ([0, 3, 2, 4], [1, 4, 0, 5], "crow must be non-decreasing \\(row 1\\)"),
+    ([0, 2, 2, 3], [1, 4, 0, 5], "crow must start at 0 and end at 4"),
+]
+
+
+@pytest.mark.parametrize("crow,col,match", _BAD_ROWS)
+def test_malformed_rows_are_refused_by_the_ops(isa, crow, col, match):
+    x = torch.randn(2, 6)
+    crow_t, col_t = torch.tensor(crow), torch.tensor(col, dtype=torch.int32)
+    with pytest.raises(ValueError, match=match):
+        sparse_ops.csr_linear(x, crow_t, col_t, torch.randn(4), 6, None)
+    # The same structure as 1x1 blocks.
+    with pytest.raises(ValueError, match=match.replace("values", "blocks")):
+        sparse_ops.bsr_linear(x, crow_t, col_t, torch.randn(4, 1, 1), 6, None)
+
+
+def test_well_formed_rows_pass_the_check(isa):
+    x = torch.randn(2, 6)
+    crow, col = torch.tensor(_ROWS_OK[0]), torch.tensor(_ROWS_OK[1], dtype=torch.int32)
+    v = torch.randn(4)
+    w = torch.zeros(3, 6)
+    w[0, 1], w[0, 4], w[2, 0], w[2, 5] = v
+    torch.testing.assert_close(sparse_ops.csr_linear(x, crow, col, v, 6, None), x @ w.t())
+
+
 def test_24_format_round_trips():
     g = gen()
     w = torch.randn(9, 44, generator=g) * mask_24(9, 44, g)
