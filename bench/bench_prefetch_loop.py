@@ -188,10 +188,13 @@ def test_train_loop_overhead(benchmark, setup, kind):
     tr, prod, step_s, make_s = setup
     ready = [prod.make(i) for i in range(BATCHES)]
 
-    def run():
-        it = Prefetcher(ready, device="cpu", pin_memory=False) if kind == "prefetch" else ready
+    def train(prefetched):
+        it = Prefetcher(ready, device="cpu", pin_memory=False) if prefetched else ready
         for b in it:
             tr.step(b)
+
+    def run():
+        train(kind == "prefetch")
 
     benchmark.group = "prefetch_loop"
     benchmark.pedantic(run, rounds=ROUNDS, iterations=1, warmup_rounds=1)
@@ -203,9 +206,6 @@ def test_train_loop_overhead(benchmark, setup, kind):
         extra["overhead_per_batch_us"] = (step - plain_step) * 1e6
         # The same from alternating calls (plain time / prefetched time), as a
         # few hundred us per step is within this VM's drift between two tests.
-        ratio = harness.paired_ratio(
-            lambda: [tr.step(b) for b in ready],
-            lambda: [tr.step(b) for b in Prefetcher(ready, device="cpu", pin_memory=False)],
-            pairs=7, warmup=1)
+        ratio = harness.paired_ratio(lambda: train(False), lambda: train(True), pairs=7, warmup=1)
         extra["overhead_per_batch_us_alternating"] = plain_step * (1 / ratio - 1) * 1e6
     info(benchmark, f"train loop L=0 {kind}", "train loop L=0 plain", step_s, 0.0, **extra)

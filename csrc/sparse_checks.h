@@ -119,8 +119,7 @@ inline void check_rows(const at::Tensor& crow, const at::Tensor& col, int64_t co
     }
     if (local != 0) bad.store(true, std::memory_order_relaxed);
   });
-  ok = !bad.load();
-  if (ok) return;
+  if (!bad.load()) return;
   for (int64_t r = 0; r < rows; ++r) {
     for (int64_t p = cr[r]; p < cr[r + 1]; ++p) {
       TORCH_CHECK_VALUE(c[p] >= 0 && c[p] < cols, "col[", p, "]=", c[p], " is outside [0, ", cols, ")");

@@ -43,16 +43,22 @@ class Net(nn.Module):
         return self.head(x)
 
 
-def build(norm=False, seed=0):
-    """fc1 int8 (Int8Linear), fc2 2:4 sparse (SparseLinear), fc3 pruned dense
-    with its mask held in training, head float: the same on every rank."""
+def patched_net(norm=False, seed=0):
+    """fc1 int8 (Int8Linear), fc2 2:4 sparse (SparseLinear), fc3 and head
+    float: the same on every rank."""
     torch.manual_seed(seed)
     model = Net(norm)
     peft_ext.patch(model, "int8", target_modules=["fc1"], exclude_modules=None, min_params=0)
     peft_ext.patch(model, None, target_modules=["fc2"], exclude_modules=None, min_params=0,
                    prune=dict(sparsity=0.5, pattern="2:4"))
-    report = peft_ext.prune(model, 0.5, "unstructured", target_modules=["fc3"], exclude_modules=None)
     assert type(model.fc1).__name__ == "Int8Linear" and type(model.fc2).__name__ == "SparseLinear"
+    return model
+
+
+def build(norm=False, seed=0):
+    """patched_net() with fc3 pruned dense, its mask held in training."""
+    model = patched_net(norm, seed)
+    report = peft_ext.prune(model, 0.5, "unstructured", target_modules=["fc3"], exclude_modules=None)
     return model, report.masks["fc3"]
 
 
@@ -239,13 +245,8 @@ def scenario_fsdp2_lora(res):
     except ImportError:
         res["fsdp2_lora"] = "skipped: peft not installed"
         return
-    torch.manual_seed(6)
-    net = Net()
-    peft_ext.patch(net, "int8", target_modules=["fc1"], exclude_modules=None, min_params=0)
-    peft_ext.patch(net, None, target_modules=["fc2"], exclude_modules=None, min_params=0,
-                   prune=dict(sparsity=0.5, pattern="2:4"))
-    model = get_peft_model(net, LoraConfig(r=4, lora_alpha=8, target_modules=["fc1", "fc2", "fc3"],
-                                           init_lora_weights=False))
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["fc1", "fc2", "fc3"], init_lora_weights=False)
+    model = get_peft_model(patched_net(seed=6), config)
     reference = copy.deepcopy(model)  # trained alone on each step's global batch
     before = {n: b.clone() for n, b in model.named_buffers()}
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}

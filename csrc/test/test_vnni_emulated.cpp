@@ -49,14 +49,17 @@ struct Tier {
 // Each tier's own descriptor (packed_kernel_*(), which runs no VNNI code)
 // gives the tile the shared driver asks of the kernel; the emulated build of
 // the kernel body must serve exactly that tile.
+// body_mr / body_np: the tile the kernel body serves (the 256-bit body one panel).
 struct TierSpec {
   const char* name;
   MicroFn emulated_micro;
+  int body_mr, body_np;
   PackedKernel (*real)();
 };
 const TierSpec kTiers[] = {
-    {"avx_vnni (emulated)", emulated::ymm::micro_tile, packed_kernel_avx_vnni},
-    {"avx512_vnni (emulated)", emulated::zmm::micro_tile, packed_kernel_avx512_vnni},
+    {"avx_vnni (emulated)", emulated::ymm::micro_tile, emulated::ymm::kMr, 1, packed_kernel_avx_vnni},
+    {"avx512_vnni (emulated)", emulated::zmm::micro_tile, emulated::zmm::kMr, emulated::zmm::kNp,
+     packed_kernel_avx512_vnni},
 };
 
 std::mt19937 rng(1234);
@@ -182,9 +185,7 @@ int main() {
     const int before = failures;
     // The emulated body's own tile constants must be the descriptor's, and the
     // tier must take the shifted (u8 x s8) path the kernels assume.
-    const int body_mr = tier.micro == emulated::ymm::micro_tile ? emulated::ymm::kMr : emulated::zmm::kMr;
-    const int body_np = tier.micro == emulated::ymm::micro_tile ? 1 : emulated::zmm::kNp;
-    expect(real.shifted && real.mr_max == body_mr && real.np_max == body_np, tier.name,
+    expect(real.shifted && real.mr_max == spec.body_mr && real.np_max == spec.body_np, tier.name,
            "descriptor (mr_max, np_max, shifted) matches the kernel body", real.mr_max, real.np_max,
            real.shifted);
     check_micro(tier);
