@@ -19,8 +19,9 @@
 //    instruction's own rate, on one thread and on both cores at once (the
 //    machine's in-register peak is twice the second);
 //  - vnni512_micro / vnni256_micro: our micro kernels themselves (the .inc
-//    bodies of csrc/cpu, 6 rows x 4 panels of 16 columns and 6 rows x 1
-//    panel) over a 16 KiB / 4 KiB panel slice in L1, as the driver's k block.
+//    bodies of csrc/cpu, 6 rows x 4 panels of 16 columns and, for the 256-bit
+//    EVEX form, 6 rows x 2 panels) over panel slices of 4 KiB each in L1, as
+//    the driver's k block.
 #include <immintrin.h>
 
 #include <algorithm>
@@ -41,10 +42,12 @@ constexpr int kTileLd = 64;
 #define PEFT_VNNI256_TARGET PEFT_AVX512_TARGET
 #define PEFT_DPBUSD _mm256_dpbusd_epi32
 #define PEFT_VNNI256_NS ymm
+#define PEFT_VNNI256_NP 2
 #include "../csrc/cpu/int8_gemm_vnni256.inc"
 #undef PEFT_VNNI256_TARGET
 #undef PEFT_DPBUSD
 #undef PEFT_VNNI256_NS
+#undef PEFT_VNNI256_NP
 }  // namespace peft_ext::cpu
 
 namespace {
@@ -130,14 +133,14 @@ __attribute__((target(PEFT_AVX512_TARGET), noinline)) double vnni512_peak(int64_
 template <bool kWide>
 double vnni_micro(const uint8_t* x, const int8_t* panels, int reps) {
   using namespace peft_ext::cpu;
-  const int np = kWide ? zmm::kNp : 1;
+  const int np = kWide ? zmm::kNp : ymm::kNp;
   alignas(64) int32_t out[zmm::kMr * kTileLd] = {};
   const auto t0 = std::chrono::steady_clock::now();
   for (int r = 0; r < reps; ++r) {
     if (kWide)
       zmm::micro_tile(x, 4 * kKq, zmm::kMr, panels, 64 * kKq, np, kKq, out);
     else
-      ymm::micro_tile(x, 4 * kKq, ymm::kMr, panels, 64 * kKq, 1, kKq, out);
+      ymm::micro_tile(x, 4 * kKq, ymm::kMr, panels, 64 * kKq, np, kKq, out);
   }
   const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   volatile int32_t sink = out[0];

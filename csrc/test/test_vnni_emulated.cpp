@@ -15,18 +15,27 @@
 #include <random>
 #include <vector>
 
+#include "cpu/cpu_features.h"
 #include "cpu/int8_kernels.h"
 #include "vnni_emulation.h"
 
 namespace peft_ext::cpu::emulated {
 
+// The 256-bit body twice, with the VEX tile (one panel) and the EVEX tile (two).
 #define PEFT_VNNI256_TARGET "sse2"
 #define PEFT_DPBUSD _mm256_dpbusd_avx_epi32
-#define PEFT_VNNI256_NS ymm
+#define PEFT_VNNI256_NS ymm_vex
+#define PEFT_VNNI256_NP 1
+#include "cpu/int8_gemm_vnni256.inc"
+#undef PEFT_VNNI256_NS
+#undef PEFT_VNNI256_NP
+#define PEFT_VNNI256_NS ymm_evex
+#define PEFT_VNNI256_NP 2
 #include "cpu/int8_gemm_vnni256.inc"
 #undef PEFT_VNNI256_TARGET
 #undef PEFT_DPBUSD
 #undef PEFT_VNNI256_NS
+#undef PEFT_VNNI256_NP
 
 #define PEFT_AVX512_TARGET "sse2"
 #define PEFT_AVX512_NS zmm
@@ -49,17 +58,26 @@ struct Tier {
 // Each tier's own descriptor (packed_kernel_*(), which runs no VNNI code)
 // gives the tile the shared driver asks of the kernel; the emulated build of
 // the kernel body must serve exactly that tile.
-// body_mr / body_np: the tile the kernel body serves (the 256-bit body one panel).
+// body_mr / body_np: the tile the kernel body serves. The avx_vnni tier has
+// two bodies (VEX, EVEX); its descriptor gives the tile of the one this CPU
+// would run (`selected`), and the other body is checked with its own tile.
+bool vex_selected() { return has_avx_vnni_vex(); }
+bool evex_selected() { return !has_avx_vnni_vex(); }
+bool always() { return true; }
 struct TierSpec {
   const char* name;
   MicroFn emulated_micro;
   int body_mr, body_np;
   PackedKernel (*real)();
+  bool (*selected)();
 };
 const TierSpec kTiers[] = {
-    {"avx_vnni (emulated)", emulated::ymm::micro_tile, emulated::ymm::kMr, 1, packed_kernel_avx_vnni},
+    {"avx_vnni VEX tile (emulated)", emulated::ymm_vex::micro_tile, emulated::ymm_vex::kMr,
+     emulated::ymm_vex::kNp, packed_kernel_avx_vnni, vex_selected},
+    {"avx_vnni EVEX tile (emulated)", emulated::ymm_evex::micro_tile, emulated::ymm_evex::kMr,
+     emulated::ymm_evex::kNp, packed_kernel_avx_vnni, evex_selected},
     {"avx512_vnni (emulated)", emulated::zmm::micro_tile, emulated::zmm::kMr, emulated::zmm::kNp,
-     packed_kernel_avx512_vnni},
+     packed_kernel_avx512_vnni, always},
 };
 
 std::mt19937 rng(1234);
@@ -181,13 +199,16 @@ void check_driver(const Tier& tier, int64_t M, int64_t K, int64_t N) {
 int main() {
   for (const TierSpec& spec : kTiers) {
     const PackedKernel real = spec.real();
-    const Tier tier{spec.name, spec.emulated_micro, real.mr_max, real.np_max};
+    const bool selected = spec.selected();
+    const Tier tier{spec.name, spec.emulated_micro, selected ? real.mr_max : spec.body_mr,
+                    selected ? real.np_max : spec.body_np};
     const int before = failures;
     // The emulated body's own tile constants must be the descriptor's, and the
     // tier must take the shifted (u8 x s8) path the kernels assume.
-    expect(real.shifted && real.mr_max == spec.body_mr && real.np_max == spec.body_np, tier.name,
-           "descriptor (mr_max, np_max, shifted) matches the kernel body", real.mr_max, real.np_max,
-           real.shifted);
+    if (selected)
+      expect(real.shifted && real.mr_max == spec.body_mr && real.np_max == spec.body_np, tier.name,
+             "descriptor (mr_max, np_max, shifted) matches the kernel body", real.mr_max,
+             real.np_max, real.shifted);
     check_micro(tier);
     for (int64_t M : {1, 5, 6, 7, 13, 49, 50})
       for (int64_t K : {1, 3, 4, 31, 257, 300})
