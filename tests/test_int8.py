@@ -422,6 +422,29 @@ def test_isa_names_are_checked():
     assert ops.build_info()["cpu_isa_detected"] == ISAS[-1]
 
 
+def _cpu_flags():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return None
+
+
+def test_build_info_names_the_avx_vnni_form():
+    form = ops.build_info()["avx_vnni_form"]
+    if "avx_vnni" not in ISAS:
+        assert form == "none"
+        return
+    flags = _cpu_flags()
+    if flags is None:
+        pytest.skip("no /proc/cpuinfo to check the form against")
+    # cpu_features prefers VEX AVX-VNNI when the CPU has both encodings.
+    assert form == ("vex" if "avx_vnni" in flags else "evex")
+
+
 def _run_with_env(isa, code):
     env = dict(os.environ, PEFT_EXT_CPU_ISA=isa)
     return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
