@@ -23,7 +23,7 @@ export TRANSFORMERS_OFFLINE := 1
 MAX_JOBS ?= 2
 export MAX_JOBS
 
-BUILD_INPUTS := setup.py pyproject.toml $(shell find csrc -type f \( -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' \))
+BUILD_INPUTS := setup.py pyproject.toml $(shell find csrc -type f \( -name '*.cpp' -o -name '*.h' -o -name '*.inc' -o -name '*.cu' -o -name '*.cuh' \))
 
 .PHONY: all venv build demo test lint test-cpp test-install bench info docs clean
 

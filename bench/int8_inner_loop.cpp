@@ -1,7 +1,7 @@
 // In-register throughput of the AVX2 int8 inner loops, one thread, operands in L1:
 // why exact W8A8 on AVX2 stays below fbgemm's rate (README, issue 11).
 //
-//   g++ -O3 -pthread -o /tmp/int8_inner_loop bench/int8_inner_loop.cpp && /tmp/int8_inner_loop
+//   g++ -O3 -std=c++17 -pthread -o /tmp/int8_inner_loop bench/int8_inner_loop.cpp && /tmp/int8_inner_loop
 //
 // Both loops run the tile of our AVX2 micro kernel (csrc/cpu/int8_gemm_avx2.cpp:
 // micro_s8, 3 activation rows x one 16-column panel, 6 accumulators) over a
@@ -108,9 +108,8 @@ double gmacs(const uint8_t* x, const int8_t* panel, int reps) {
 __attribute__((target(PEFT_AVX512_TARGET), noinline)) double vnni512_peak(int64_t steps) {
   __m512i a = _mm512_set1_epi32(0x01020304), b = _mm512_set1_epi32(0x05060708);
   const auto t0 = std::chrono::steady_clock::now();
+  // The accumulators' starting values do not matter: the rate is the same for any.
   asm volatile(
-      "vpxord %%zmm8, %%zmm8, %%zmm8\n\t"
-      "vmovdqa64 %%zmm8, %%zmm9\n\t"
       "1:\n\t"
 #define PEFT_DP(r) "vpdpbusd %[b], %[a], %%zmm" #r "\n\t"
       PEFT_DP(8) PEFT_DP(9) PEFT_DP(10) PEFT_DP(11) PEFT_DP(12) PEFT_DP(13) PEFT_DP(14)
@@ -137,7 +136,7 @@ double vnni_micro(const uint8_t* x, const int8_t* panels, int reps) {
   alignas(64) int32_t out[zmm::kMr * kTileLd] = {};
   const auto t0 = std::chrono::steady_clock::now();
   for (int r = 0; r < reps; ++r) {
-    if (kWide)
+    if constexpr (kWide)
       zmm::micro_tile(x, 4 * kKq, zmm::kMr, panels, 64 * kKq, np, kKq, out);
     else
       ymm::micro_tile(x, 4 * kKq, ymm::kMr, panels, 64 * kKq, np, kKq, out);

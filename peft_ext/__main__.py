@@ -14,8 +14,7 @@ DEMO_NEEDS = {"transformers": "demo", "sentence_transformers": "demo", "gt_all_m
 
 
 # build_info()["avx_vnni_form"]: which encoding the avx_vnni tier's 256-bit vpdpbusd uses here.
-_AVX_VNNI_FORMS = {"vex": "VEX AVX-VNNI, 1-panel tile", "evex": "EVEX AVX-512 VL, 2-panel tile",
-                   "none": "unavailable"}
+_AVX_VNNI_FORMS = {"vex": "VEX AVX-VNNI, 1-panel tile", "evex": "EVEX AVX-512 VL, 2-panel tile"}
 
 
 def arch_coverage(archs: str, capability) -> str:
